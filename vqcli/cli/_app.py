@@ -1,0 +1,64 @@
+"""The Typer application, shared options and the one place that maps errors to messages and exit codes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from typing import Callable
+
+import typer
+from rich.console import Console
+
+from ..errors import UsageError, VqcliError
+
+app = typer.Typer(
+    name="vqcli",
+    help="Encode images into autoencoder latents and reconstruct them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# People's messages and progress go to stderr; data (tables, JSON) to stdout.
+err_console = Console(stderr=True)
+out_console = Console()
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
+    """Print ``vqcli: message`` on stderr and return the Exit to raise."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn vqcli's own errors into one-line messages; VQCLI_DEBUG=1 shows the traceback instead."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except UsageError as e:
+            if os.environ.get("VQCLI_DEBUG"):
+                raise
+            raise fail(str(e), EXIT_USAGE) from None
+        except VqcliError as e:
+            if os.environ.get("VQCLI_DEBUG"):
+                raise
+            raise fail(str(e), EXIT_SOME_FAILED) from None
+
+    return wrapper
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app(args=argv, prog_name="vqcli")
