@@ -22,6 +22,16 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+
+
+@app.callback()
+def _root() -> None:
+    """Encode images into autoencoder latents and reconstruct them.
+
+    Start with: vqcli encode sample_images -o latents && vqcli decode latents -o recon
+    """
+
+
 # People's messages and progress go to stderr; data (tables, JSON) to stdout.
 err_console = Console(stderr=True)
 out_console = Console()

@@ -1,0 +1,170 @@
+"""``vqcli train``: train an autoencoder on a folder of images."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ._app import app, err_console, fail, handle_errors, out_console
+
+
+def _parse_mult(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers like 1,2,4, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise typer.BadParameter("every multiplier must be a positive integer")
+    return values
+
+
+@app.command(
+    epilog="Example: vqcli train photos/ --val val_photos/ --preset default --steps 4000 -o my-model.safetensors"
+)
+@handle_errors
+def train(
+    data: list[Path] = typer.Argument(..., help="Image files or folders to train on (walked recursively)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the trained model (.safetensors)."),
+    val: list[Path] = typer.Option([], "--val", help="Validation images or folders; their PSNR is reported."),
+    preset: Optional[str] = typer.Option(None, help="Architecture preset: default (KL f8) or default-vq (VQ f4)."),
+    kind: Optional[str] = typer.Option(None, help="kl or vq (overrides the preset)."),
+    ch: Optional[int] = typer.Option(None, help="Base channels, a multiple of 32."),
+    ch_mult: Optional[str] = typer.Option(None, "--ch-mult", help="Channel multipliers per level, e.g. 1,2,4,4."),
+    num_res_blocks: Optional[int] = typer.Option(None, "--num-res-blocks", min=1),
+    z_channels: Optional[int] = typer.Option(None, "--z-channels", min=1),
+    codebook_size: Optional[int] = typer.Option(None, "--codebook-size", min=2, help="VQ codebook entries."),
+    steps: int = typer.Option(4000, min=1, help="Optimizer steps."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Crops per step."),
+    crop: int = typer.Option(64, min=8, help="Crop side in pixels."),
+    lr: float = typer.Option(4e-4, help="Peak learning rate (warm-up, then cosine decay)."),
+    seed: int = typer.Option(0, help="Random seed: the same seed and options give the same model."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+    bf16: Optional[bool] = typer.Option(
+        None, "--bf16/--no-bf16", help="bfloat16 autocast (default: on for CUDA and for CPUs with native bf16)."
+    ),
+    checkpoint_every: int = typer.Option(250, "--checkpoint-every", min=1),
+    val_every: int = typer.Option(500, "--val-every", min=1),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT.ckpt, written every --checkpoint-every steps."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+) -> None:
+    """Train an autoencoder of this family and save its EMA weights.
+
+    Random crops, flips, rescales and channel permutations of the training images; L1 + MSE loss
+    (+ KL or codebook terms); AdamW with warm-up and cosine decay; checkpoints every
+    --checkpoint-every steps, resumable with --resume.
+    """
+    from ..autoencoder import AutoEncoderConfig
+    from ..devices import cpu_has_native_bf16, resolve_device
+    from ..train import TRAIN_PRESETS, TrainOptions, image_files
+    from ..train import train as run_training
+
+    if output.exists() and not overwrite and not resume:
+        raise fail(f"{output}: already exists (use --overwrite to replace it)")
+    if preset is not None and preset not in TRAIN_PRESETS:
+        raise fail(f"unknown --preset {preset!r}; choose from {', '.join(TRAIN_PRESETS)}")
+    base = TRAIN_PRESETS[preset or "default"]
+    changes = {
+        k: v
+        for k, v in dict(
+            kind=kind,
+            ch=ch,
+            ch_mult=_parse_mult(ch_mult) if ch_mult else None,
+            num_res_blocks=num_res_blocks,
+            z_channels=z_channels,
+            n_embed=codebook_size,
+        ).items()
+        if v is not None
+    }
+    if kind is not None and kind not in ("kl", "vq"):
+        raise fail(f"--kind must be kl or vq, not {kind!r}")
+    if changes.get("kind") == "vq" and base.kind != "vq":
+        changes.setdefault("n_embed", 1024)
+    if changes.get("kind") == "kl" and base.kind != "kl":
+        changes["n_embed"] = 0
+    if changes:
+        changes.setdefault("embed_dim", changes.get("z_channels", base.z_channels))
+        changes["double_z"] = None
+        changes["name"] = output.stem
+    config = AutoEncoderConfig(**{**base.to_dict(), **changes})
+
+    torch_device = resolve_device(device)
+    use_bf16 = bf16 if bf16 is not None else (torch_device.type == "cuda" or (torch_device.type == "cpu" and cpu_has_native_bf16()))
+    opts = TrainOptions(
+        steps=steps,
+        batch_size=batch_size,
+        crop=crop,
+        lr=lr,
+        seed=seed,
+        bf16=use_bf16,
+        checkpoint_every=checkpoint_every,
+        val_every=val_every,
+    )
+    files = image_files(data)
+    val_files = image_files(val) if val else []
+    if not files:
+        raise fail("no training images found in " + ", ".join(map(str, data)))
+
+    last: dict = {}
+    started = time.perf_counter()
+    log_every = max(1, steps // 200)
+    first_step: list[int] = []  # the step a resumed run started from, for the ETA
+    columns = (
+        TextColumn("[bold]train"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.4f}  psnr {task.fields[psnr]:.2f} dB  {task.fields[extra]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err_console, disable=quiet or not err_console.is_terminal) as bar:
+        task = bar.add_task("train", total=steps, loss=0.0, psnr=0.0, extra="")
+
+        def on_progress(p) -> None:
+            last["step"], last["loss"], last["psnr"] = p.step, p.loss, p.psnr
+            extra = []
+            if p.val_psnr is not None:
+                last["val_psnr"] = p.val_psnr
+            if "val_psnr" in last:
+                extra.append(f"val {last['val_psnr']:.2f} dB")
+            if p.codes_used is not None:
+                last["codes_used"] = p.codes_used
+                extra.append(f"codes {100 * p.codes_used:.0f}%")
+            first_step.append(p.step - 1) if not first_step else None
+            bar.update(task, completed=p.step, loss=p.loss, psnr=p.psnr, extra="  ".join(extra))
+            if not quiet and not err_console.is_terminal and (p.step % log_every == 0 or p.step == steps):
+                # Not a terminal (a log file, CI): a plain line now and then instead of a live bar.
+                elapsed = time.perf_counter() - started
+                eta = elapsed / max(1, p.step - first_step[0]) * (steps - p.step)
+                err_console.print(
+                    f"step {p.step}/{steps}  loss {p.loss:.4f}  psnr {p.psnr:.2f} dB  {'  '.join(extra)}  "
+                    f"{elapsed:.0f}s elapsed, eta {eta:.0f}s",
+                    highlight=False,
+                )
+
+        model = run_training(
+            files, output, config, opts, device=torch_device, val=val_files, resume=resume, on_progress=on_progress
+        )
+    summary = {
+        "output": str(output),
+        "config": model.config.to_dict(),
+        "steps": last.get("step"),
+        "loss": last.get("loss"),
+        "train_psnr": last.get("psnr"),
+        "val_psnr": last.get("val_psnr"),
+        "codes_used": last.get("codes_used"),
+        "bf16": use_bf16,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    if as_json:
+        out_console.print_json(json.dumps(summary))
+    elif not quiet:
+        val_text = f", validation PSNR {summary['val_psnr']:.2f} dB" if summary["val_psnr"] is not None else ""
+        err_console.print(f"saved {output} after {summary['steps']} steps{val_text}")

@@ -1,0 +1,349 @@
+"""Training an autoencoder of this family on a folder of images.
+
+Recipe: random crops of randomly rescaled images (0.5x to 1x, antialiased), horizontal flips and
+random RGB channel permutations (colour variety from few photographs); L1 + MSE reconstruction loss,
+plus a small KL term (KL models) or the codebook and commitment loss (VQ models, with dead codes
+re-seeded from the current batch's encoder outputs); AdamW with linear warm-up and cosine decay;
+an exponential moving average of the weights, which is what gets saved. Everything random draws
+from one seeded ``torch.Generator``, so a run is reproducible and a resumed run continues the same
+sequence. Checkpoints are written atomically and read back with ``torch.load(weights_only=True)``.
+
+This module prints nothing: it reports through the ``on_progress`` callback.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .autoencoder import AutoEncoder, AutoEncoderConfig
+from .errors import FileError, UsageError
+from .fileio import atomic_path
+from .images import load_image
+from .padding import from_model_output, pad_to_multiple, to_model_input
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "vqcli.train-checkpoint"
+
+# Architectures of the embedded models, trainable with ``vqcli train --preset NAME``.
+TRAIN_PRESETS: dict[str, AutoEncoderConfig] = {
+    # KL, f8, 16 latent channels: 12x fewer latent values than RGB values.
+    "default": AutoEncoderConfig(
+        kind="kl", ch=32, ch_mult=(1, 2, 4, 4), num_res_blocks=1, z_channels=16, name="default"
+    ),
+    # VQ, f4, 1024 codes of dimension 4: 48x fewer codes than RGB values.
+    "default-vq": AutoEncoderConfig(
+        kind="vq", ch=32, ch_mult=(1, 2, 4), num_res_blocks=1, z_channels=4, n_embed=1024, name="default-vq"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    steps: int = 4000  # optimizer steps
+    batch_size: int = 16  # crops per step
+    crop: int = 64  # crop side in pixels (a multiple of the downsampling factor)
+    lr: float = 4e-4  # peak learning rate
+    warmup: int = 200  # linear warm-up steps
+    min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.01  # AdamW, on conv weights only
+    ema_decay: float = 0.999  # EMA of the weights (warmed up over the first steps)
+    kl_weight: float = 1e-5  # KL models: weight of the mean KL per latent value
+    vq_weight: float = 1.0  # VQ models: weight of codebook + commitment loss
+    dead_code_steps: int = 100  # VQ: a code unused for this many steps is re-seeded
+    min_scale: float = 0.5  # random rescale range [min_scale, 1]
+    seed: int = 0
+    bf16: bool = False  # bfloat16 autocast for the forward pass
+    checkpoint_every: int = 250  # steps between resumable checkpoints
+    val_every: int = 500  # steps between validation PSNR measurements (with --val)
+
+
+@dataclass
+class Progress:
+    """What ``train`` reports after each step."""
+
+    step: int
+    steps: int
+    loss: float
+    psnr: float  # on the training batch, in dB
+    lr: float
+    seconds: float
+    val_psnr: float | None = None
+    codes_used: float | None = None  # VQ: fraction of the codebook used in the last window
+
+
+class ImageBank:
+    """The training images, decoded once and kept in memory as float32 (3, H, W) in [0, 1]."""
+
+    def __init__(self, paths: Sequence[Path]):
+        self.images: list[torch.Tensor] = []
+        for path in paths:
+            rgb = load_image(path)
+            self.images.append(torch.from_numpy(rgb).permute(2, 0, 1).contiguous())
+        if not self.images:
+            raise UsageError("no training images found")
+        areas = torch.tensor([im.shape[1] * im.shape[2] for im in self.images], dtype=torch.float64)
+        self.weights = areas / areas.sum()
+
+    def batch(self, n: int, crop: int, min_scale: float, gen: torch.Generator) -> torch.Tensor:
+        """n random augmented crops, (n, 3, crop, crop) in [-1, 1]."""
+        out = torch.empty(n, 3, crop, crop)
+        picks = torch.multinomial(self.weights, n, replacement=True, generator=gen)
+        for i, k in enumerate(picks.tolist()):
+            image = self.images[k]
+            height, width = image.shape[1:]
+            smallest = min(height, width)
+            # The region cut out is crop/scale pixels, then resized down to crop: scale in [min_scale, 1].
+            max_region = min(smallest, int(crop / min_scale))
+            region = crop if max_region <= crop else int(torch.randint(crop, max_region + 1, (1,), generator=gen))
+            region = min(region, smallest)
+            top = int(torch.randint(0, height - region + 1, (1,), generator=gen))
+            left = int(torch.randint(0, width - region + 1, (1,), generator=gen))
+            patch = image[:, top : top + region, left : left + region].unsqueeze(0)
+            if region != crop:
+                patch = F.interpolate(patch, size=(crop, crop), mode="bilinear", antialias=True, align_corners=False)
+            patch = patch[0]
+            if bool(torch.rand((), generator=gen) < 0.5):
+                patch = patch.flip(-1)
+            if bool(torch.rand((), generator=gen) < 0.5):
+                patch = patch[torch.randperm(3, generator=gen)]
+            out[i] = patch
+        return out.clamp(0.0, 1.0) * 2.0 - 1.0
+
+
+def learning_rate(step: int, opts: TrainOptions) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at the last step."""
+    if step < opts.warmup:
+        return opts.lr * (step + 1) / opts.warmup
+    progress = (step - opts.warmup) / max(1, opts.steps - opts.warmup)
+    floor = opts.lr * opts.min_lr_ratio
+    return floor + (opts.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB between two tensors in [-1, 1] (peak-to-peak 2)."""
+    mse = F.mse_loss(a.float().clamp(-1, 1), b.float().clamp(-1, 1)).item()
+    return float("inf") if mse == 0 else 10.0 * math.log10(4.0 / mse)
+
+
+def _param_groups(model: AutoEncoder, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim == 4 else no_decay).append(p)  # conv kernels decay; norms, biases, codebook do not
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def _update_ema(ema: AutoEncoder, model: AutoEncoder, step: int, decay: float) -> None:
+    d = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1.0 - d)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+@torch.no_grad()
+def validate(model: AutoEncoder, images: Sequence[np.ndarray]) -> float:
+    """Mean PSNR (dB, on [0, 1]) of full-image reconstructions, mode latents, fp32."""
+    model.eval()
+    values = []
+    for rgb in images:
+        height, width = rgb.shape[:2]
+        x = pad_to_multiple(to_model_input(rgb), model.config.downsampling)
+        out = from_model_output(model.decode(model.encode(x))[0], height, width)
+        mse = float(np.mean((out.astype(np.float64) - rgb.astype(np.float64)) ** 2))
+        values.append(float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse))
+    return float(np.mean(values))
+
+
+class Trainer:
+    """Holds the model, its EMA, the optimizer and the random state; ``run`` trains to ``opts.steps``."""
+
+    def __init__(self, config: AutoEncoderConfig, opts: TrainOptions, device: torch.device):
+        if opts.crop % config.downsampling:
+            raise UsageError(f"--crop {opts.crop} must be a multiple of the downsampling factor {config.downsampling}")
+        if opts.steps < 1 or opts.batch_size < 1:
+            raise UsageError("--steps and --batch-size must be at least 1")
+        self.config, self.opts, self.device = config, opts, device
+        self.gen = torch.Generator().manual_seed(opts.seed)
+        torch.manual_seed(opts.seed)  # parameter initialisation
+        self.model = AutoEncoder(config).to(device).train()
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(_param_groups(self.model, opts.weight_decay), lr=opts.lr, betas=(0.9, 0.99))
+        self.step = 0
+        self.last_used = torch.zeros(config.n_embed, dtype=torch.long) if config.kind == "vq" else None
+        self.codebook_ready = config.kind != "vq"
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": json.dumps(self.config.to_dict(), sort_keys=True),
+            "options": json.dumps(dataclasses.asdict(self.opts), sort_keys=True),
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.gen.get_state(),
+            "last_used": self.last_used,
+            "codebook_ready": self.codebook_ready,
+        }
+
+    def save_checkpoint(self, path: Path) -> None:
+        with atomic_path(path) as tmp:
+            torch.save(self.state(), tmp)
+
+    @classmethod
+    def resume(cls, path: Path, device: torch.device, steps: int | None = None) -> "Trainer":
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is one clear message
+            raise FileError(path, f"not a readable vqcli training checkpoint ({type(e).__name__})") from None
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise FileError(path, "not a vqcli training checkpoint")
+        config = AutoEncoderConfig.from_dict(json.loads(state["config"]))
+        opts = TrainOptions(**json.loads(state["options"]))
+        if steps is not None:
+            opts = dataclasses.replace(opts, steps=steps)
+        trainer = cls(config, opts, device)
+        trainer.model.load_state_dict(state["model"])
+        trainer.ema.load_state_dict(state["ema"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.gen.set_state(state["generator"])
+        trainer.step = int(state["step"])
+        trainer.last_used = state["last_used"]
+        trainer.codebook_ready = bool(state["codebook_ready"])
+        return trainer
+
+    # --- one step -------------------------------------------------------------------------------
+    def _seed_codebook(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> None:
+        """Set codebook rows (all, or the ``dead`` ones) to random encoder outputs of this batch."""
+        with torch.no_grad():
+            h = self.model.encode_moments(x).float()
+            vectors = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
+            weight = self.model.quantize.embedding.weight
+            rows = torch.arange(weight.shape[0]) if dead is None else dead.nonzero().flatten()
+            if len(rows) == 0:
+                return
+            pick = torch.randint(0, vectors.shape[0], (len(rows),), generator=self.gen)
+            jitter = torch.randn(len(rows), vectors.shape[1], generator=self.gen) * vectors.std() * 0.01
+            weight.data[rows.to(weight.device)] = (vectors[pick.to(vectors.device)].cpu() + jitter).to(weight.device, weight.dtype)
+            self.last_used[rows] = self.step
+
+    def train_step(self, bank: ImageBank) -> Progress:
+        opts, started = self.opts, time.perf_counter()
+        x = bank.batch(opts.batch_size, opts.crop, opts.min_scale, self.gen).to(self.device)
+        if not self.codebook_ready:
+            self._seed_codebook(x)
+            self.codebook_ready = True
+        lr = learning_rate(self.step, opts)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        noise_gen = torch.Generator(device=self.device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.gen)))
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=opts.bf16):
+            recon, reg, indices = self.model(x, sample=True, generator=noise_gen)
+        recon = recon.float()
+        rec_loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        weight = opts.kl_weight if self.config.kind == "kl" else opts.vq_weight
+        loss = rec_loss + weight * reg.float()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        loss = loss.detach()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        _update_ema(self.ema, self.model, self.step, opts.ema_decay)
+        self.step += 1
+
+        codes_used = None
+        if indices is not None:
+            self.last_used[indices.flatten().unique().cpu()] = self.step
+            dead = (self.step - self.last_used) > opts.dead_code_steps
+            codes_used = 1.0 - float(dead.float().mean())
+            if self.step % 10 == 0 and bool(dead.any()):
+                self._seed_codebook(x, dead)
+        return Progress(
+            step=self.step,
+            steps=opts.steps,
+            loss=loss.item(),
+            psnr=psnr(recon.detach(), x),
+            lr=lr,
+            seconds=time.perf_counter() - started,
+            codes_used=codes_used,
+        )
+
+    def finished_model(self, bank: ImageBank) -> AutoEncoder:
+        """The EMA model, with the latent scale and shift measured on the training images (KL)."""
+        model = copy.deepcopy(self.ema).cpu().eval()
+        if self.config.kind == "kl":
+            gen = torch.Generator().manual_seed(self.opts.seed + 1)
+            with torch.no_grad():
+                z = torch.cat([model.encode(bank.batch(16, self.opts.crop, self.opts.min_scale, gen)) for _ in range(8)])
+            mean, std = float(z.mean()), float(z.std())
+            model.config = self.config.replace(shift_factor=round(mean, 6), scale_factor=round(1.0 / std, 6))
+        model.invalidate_identity()
+        return model
+
+
+def train(
+    data: Sequence[Path],
+    output: Path,
+    config: AutoEncoderConfig,
+    opts: TrainOptions,
+    *,
+    device: torch.device,
+    val: Sequence[Path] = (),
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> AutoEncoder:
+    """Train and save the EMA model to ``output``; checkpoints go to ``checkpoint`` (resumable)."""
+    checkpoint = checkpoint or output.with_name(output.name + ".ckpt")
+    if resume:
+        if not checkpoint.exists():
+            raise UsageError(f"--resume: no checkpoint at {checkpoint}")
+        trainer = Trainer.resume(checkpoint, device, steps=opts.steps)
+    else:
+        trainer = Trainer(config, opts, device)
+    bank = ImageBank(data)
+    val_images = [load_image(p) for p in val]
+    opts = trainer.opts
+    while trainer.step < opts.steps:
+        progress = trainer.train_step(bank)
+        if val_images and (trainer.step % opts.val_every == 0 or trainer.step == opts.steps):
+            progress.val_psnr = validate(trainer.ema, val_images)
+        if trainer.step % opts.checkpoint_every == 0 or trainer.step == opts.steps:
+            trainer.save_checkpoint(checkpoint)
+        if on_progress is not None:
+            on_progress(progress)
+    model = trainer.finished_model(bank)
+    model.save(output)
+    return model
+
+
+def image_files(paths: Sequence[Path]) -> list[Path]:
+    """Image files among ``paths`` (folders walked recursively), sorted for reproducibility."""
+    from .images import is_image_path
+
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found.extend(p for p in sorted(path.rglob("*")) if p.is_file() and is_image_path(p))
+        elif path.exists():
+            found.append(path)
+        else:
+            raise UsageError(f"{path}: no such file or folder")
+    return found
+
+
