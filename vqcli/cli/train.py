@@ -137,7 +137,8 @@ def train(
             if p.codes_used is not None:
                 last["codes_used"] = p.codes_used
                 extra.append(f"codes {100 * p.codes_used:.0f}%")
-            first_step.append(p.step - 1) if not first_step else None
+            if not first_step:
+                first_step.append(p.step - 1)
             bar.update(task, completed=p.step, loss=p.loss, psnr=p.psnr, extra="  ".join(extra))
             if not quiet and not err_console.is_terminal and (p.step % log_every == 0 or p.step == steps):
                 # Not a terminal (a log file, CI): a plain line now and then instead of a live bar.
