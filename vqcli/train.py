@@ -1,7 +1,10 @@
 """Training an autoencoder of this family on a folder of images.
 
-Recipe: random crops of randomly rescaled images (0.5x to 1x, antialiased), horizontal flips and
-random RGB channel permutations (colour variety from few photographs); L1 + MSE reconstruction loss,
+Recipe: random crops of randomly rescaled images (0.5x to 1x, antialiased), flips and quarter turns,
+and colour variety from few photographs: colour images get random channel permutations and
+saturation, greyscale images are colourised with random per-channel tone curves (a model trained
+mostly on grey crops forgets colour); colour and greyscale images are drawn 60:40 whatever their
+share of the pixels, and each image of a group equally often. L1 + MSE reconstruction loss,
 plus a small KL term (KL models) or the codebook and commitment loss (VQ models, with dead codes
 re-seeded from the current batch's encoder outputs); AdamW with linear warm-up and cosine decay;
 an exponential moving average of the weights, which is what gets saved. Everything random draws
@@ -87,6 +90,8 @@ class Progress:
 class ImageBank:
     """The training images, decoded once and kept in memory as float32 (3, H, W) in [0, 1]."""
 
+    COLOUR_SHARE = 0.6  # of the crops, when there are both colour and greyscale images
+
     def __init__(self, paths: Sequence[Path]):
         self.images: list[torch.Tensor] = []
         for path in paths:
@@ -94,33 +99,56 @@ class ImageBank:
             self.images.append(torch.from_numpy(rgb).permute(2, 0, 1).contiguous())
         if not self.images:
             raise UsageError("no training images found")
-        areas = torch.tensor([im.shape[1] * im.shape[2] for im in self.images], dtype=torch.float64)
-        self.weights = areas / areas.sum()
+        self.grey = torch.tensor([bool(torch.equal(im[0], im[1]) and torch.equal(im[1], im[2])) for im in self.images])
+        # Every image of a group equally likely, whatever its size: one large photograph must not
+        # drown the others.
+        weights = torch.zeros(len(self.images), dtype=torch.float64)
+        for group, share in ((~self.grey, self.COLOUR_SHARE), (self.grey, 1.0 - self.COLOUR_SHARE)):
+            if group.any():
+                weights[group] = share / int(group.sum())
+        self.weights = weights / weights.sum()
 
     def batch(self, n: int, crop: int, min_scale: float, gen: torch.Generator) -> torch.Tensor:
         """n random augmented crops, (n, 3, crop, crop) in [-1, 1]."""
         out = torch.empty(n, 3, crop, crop)
         picks = torch.multinomial(self.weights, n, replacement=True, generator=gen)
         for i, k in enumerate(picks.tolist()):
-            image = self.images[k]
-            height, width = image.shape[1:]
-            smallest = min(height, width)
-            # The region cut out is crop/scale pixels, then resized down to crop: scale in [min_scale, 1].
-            max_region = min(smallest, int(crop / min_scale))
-            region = crop if max_region <= crop else int(torch.randint(crop, max_region + 1, (1,), generator=gen))
-            region = min(region, smallest)
-            top = int(torch.randint(0, height - region + 1, (1,), generator=gen))
-            left = int(torch.randint(0, width - region + 1, (1,), generator=gen))
-            patch = image[:, top : top + region, left : left + region].unsqueeze(0)
-            if region != crop:
-                patch = F.interpolate(patch, size=(crop, crop), mode="bilinear", antialias=True, align_corners=False)
-            patch = patch[0]
-            if bool(torch.rand((), generator=gen) < 0.5):
-                patch = patch.flip(-1)
-            if bool(torch.rand((), generator=gen) < 0.5):
-                patch = patch[torch.randperm(3, generator=gen)]
-            out[i] = patch
+            out[i] = self._augment(self._crop(self.images[k], crop, min_scale, gen), bool(self.grey[k]), gen)
         return out.clamp(0.0, 1.0) * 2.0 - 1.0
+
+    @staticmethod
+    def _crop(image: torch.Tensor, crop: int, min_scale: float, gen: torch.Generator) -> torch.Tensor:
+        """A random square region of crop/scale pixels, scale in [min_scale, 1], resized to crop."""
+        height, width = image.shape[1:]
+        smallest = min(height, width)
+        max_region = min(smallest, int(crop / min_scale))
+        region = min(smallest, crop if max_region <= crop else int(torch.randint(crop, max_region + 1, (1,), generator=gen)))
+        top = int(torch.randint(0, height - region + 1, (1,), generator=gen))
+        left = int(torch.randint(0, width - region + 1, (1,), generator=gen))
+        patch = image[:, top : top + region, left : left + region].unsqueeze(0)
+        if region != crop:
+            patch = F.interpolate(patch, size=(crop, crop), mode="bilinear", antialias=True, align_corners=False)
+        return patch[0]
+
+    @staticmethod
+    def _augment(patch: torch.Tensor, grey: bool, gen: torch.Generator) -> torch.Tensor:
+        def chance(p: float) -> bool:
+            return bool(torch.rand((), generator=gen) < p)
+
+        if chance(0.5):
+            patch = patch.flip(-1)
+        patch = torch.rot90(patch, int(torch.randint(0, 4, (1,), generator=gen)), dims=(1, 2))
+        if grey:
+            if chance(0.7):  # colourise: a different random tone curve per channel
+                gammas = torch.exp((torch.rand(3, 1, 1, generator=gen) - 0.5) * 1.4)
+                patch = patch.clamp(0.0, 1.0) ** gammas
+        else:
+            if chance(0.5):
+                patch = patch[torch.randperm(3, generator=gen)]
+            saturation = 0.6 + 0.8 * float(torch.rand((), generator=gen))
+            luma = patch.mean(dim=0, keepdim=True)
+            patch = luma + saturation * (patch - luma)
+        return patch
 
 
 def learning_rate(step: int, opts: TrainOptions) -> float:

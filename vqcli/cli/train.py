@@ -148,6 +148,7 @@ def train(
                     f"step {p.step}/{steps}  loss {p.loss:.4f}  psnr {p.psnr:.2f} dB  {'  '.join(extra)}  "
                     f"{elapsed:.0f}s elapsed, eta {eta:.0f}s",
                     highlight=False,
+                    soft_wrap=True,
                 )
 
         model = run_training(
