@@ -13,12 +13,20 @@ from .blocks import AttnBlock, Downsample, Normalize, ResnetBlock, Upsample, nor
 Features = OrderedDict[str, torch.Tensor]
 
 
+def _pass_through(name: str, t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+_NO_FEATURES = _pass_through
+
+
 def _recorder(features: Features | None):
     """A function that stores a named map in ``features`` (when collecting) and passes it on."""
+    if features is None:
+        return _NO_FEATURES
 
     def keep(name: str, t: torch.Tensor) -> torch.Tensor:
-        if features is not None:
-            features[name] = t
+        features[name] = t
         return t
 
     return keep
@@ -98,6 +106,10 @@ class Encoder(nn.Module):
 
     def _run(self, x: torch.Tensor, features: Features | None) -> torch.Tensor:
         keep = _recorder(features)
+        return self.run_low_res(self.run_high_res(x, keep), keep)
+
+    def run_high_res(self, x: torch.Tensor, keep=_NO_FEATURES) -> torch.Tensor:
+        """conv_in and the down levels: image to features at the latent resolution (tileable)."""
         h = keep("conv_in", self.conv_in(x))
         for i_level, down in enumerate(self.down):
             for i_block, block in enumerate(down.block):
@@ -106,10 +118,14 @@ class Encoder(nn.Module):
                     h = keep(f"down{i_level}_attn{i_block}", down.attn[i_block](h))
             if i_level != self.num_resolutions - 1:
                 h = keep(f"down{i_level}_downsample", down.downsample(h))
+        return h
+
+    def run_low_res(self, h: torch.Tensor, keep=_NO_FEATURES) -> torch.Tensor:
+        """The middle (with its global attention) and the output layers, at the latent resolution."""
         h = keep("mid_block_1", self.mid.block_1(h))
         h = keep("mid_attn_1", self.mid.attn_1(h))
         h = keep("mid_block_2", self.mid.block_2(h))
-        if features is None:
+        if keep is _NO_FEATURES:
             h = norm_swish(self.norm_out, h)
         else:
             h = keep("norm_out", self.norm_out(h))
@@ -195,10 +211,17 @@ class Decoder(nn.Module):
 
     def _run(self, z: torch.Tensor, features: Features | None) -> torch.Tensor:
         keep = _recorder(features)
+        return self.run_high_res(self.run_low_res(z, keep), keep)
+
+    def run_low_res(self, z: torch.Tensor, keep=_NO_FEATURES) -> torch.Tensor:
+        """conv_in and the middle (with its global attention), at the latent resolution."""
         h = keep("conv_in", self.conv_in(z))
         h = keep("mid_block_1", self.mid.block_1(h))
         h = keep("mid_attn_1", self.mid.attn_1(h))
-        h = keep("mid_block_2", self.mid.block_2(h))
+        return keep("mid_block_2", self.mid.block_2(h))
+
+    def run_high_res(self, h: torch.Tensor, keep=_NO_FEATURES) -> torch.Tensor:
+        """The up levels and the output layers: latent-resolution features to image (tileable)."""
         for i_level in reversed(range(self.num_resolutions)):
             up = self.up[i_level]
             for i_block, block in enumerate(up.block):
@@ -209,7 +232,7 @@ class Decoder(nn.Module):
                 h = keep(f"up{i_level}_upsample", up.upsample(h))
         if self.give_pre_end:
             return h
-        if features is None:
+        if keep is _NO_FEATURES:
             h = norm_swish(self.norm_out, h)
         else:
             h = keep("norm_out", self.norm_out(h))
