@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,10 +56,14 @@ class AutoEncoderConfig:
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        wrong_types = _type_problems(self)
+        if wrong_types:
+            raise ConfigError("invalid autoencoder config: " + "; ".join(wrong_types))
+        for k in _INT_FIELDS:
+            set_(k, int(getattr(self, k)))
         set_("ch_mult", tuple(int(m) for m in self.ch_mult))
         set_("attn_resolutions", tuple(int(r) for r in self.attn_resolutions))
-        if self.embed_dim is None:
-            set_("embed_dim", self.z_channels)
+        set_("embed_dim", self.z_channels if self.embed_dim is None else int(self.embed_dim))
         if self.double_z is None:
             set_("double_z", self.kind == "kl")
         problems = []
@@ -85,6 +91,8 @@ class AutoEncoderConfig:
             problems.append("without quant_conv, embed_dim must equal z_channels")
         if not self.use_post_quant_conv and self.embed_dim != self.z_channels:
             problems.append("without post_quant_conv, embed_dim must equal z_channels")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"dropout must lie in [0, 1), not {self.dropout}")
         if self.scale_factor == 0:
             problems.append("scale_factor must not be 0")
         if problems:
@@ -121,6 +129,8 @@ class AutoEncoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "AutoEncoderConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a mapping of fields, not {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -132,6 +142,37 @@ class AutoEncoderConfig:
 
     def replace(self, **changes) -> "AutoEncoderConfig":
         return dataclasses.replace(self, **changes)
+
+
+_INT_FIELDS = ("ch", "num_res_blocks", "z_channels", "n_embed", "in_channels", "out_ch", "resolution")
+_REAL_FIELDS = ("beta", "dropout", "scale_factor", "shift_factor")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _type_problems(c: AutoEncoderConfig) -> list[str]:
+    """Fields of the wrong type (as a config read from a file may have), before any arithmetic."""
+    problems = [f"{k} must be an integer, not {getattr(c, k)!r}" for k in _INT_FIELDS if not _is_int(getattr(c, k))]
+    if c.embed_dim is not None and not _is_int(c.embed_dim):
+        problems.append(f"embed_dim must be an integer or None, not {c.embed_dim!r}")
+    for k in ("ch_mult", "attn_resolutions"):
+        v = getattr(c, k)
+        if not isinstance(v, (list, tuple)) or not all(_is_int(m) for m in v):
+            problems.append(f"{k} must be a list of integers, not {v!r}")
+    for k in _REAL_FIELDS:
+        v = getattr(c, k)
+        if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
+            problems.append(f"{k} must be a finite number, not {v!r}")
+    for k in ("use_quant_conv", "use_post_quant_conv"):
+        if not isinstance(getattr(c, k), bool):
+            problems.append(f"{k} must be true or false, not {getattr(c, k)!r}")
+    if c.double_z is not None and not isinstance(c.double_z, bool):
+        problems.append(f"double_z must be true, false or None, not {c.double_z!r}")
+    if not isinstance(c.kind, str) or not isinstance(c.name, str):
+        problems.append("kind and name must be strings")
+    return problems
 
 
 class AutoEncoder(nn.Module):
