@@ -6,13 +6,18 @@ Reading always gives RGB as float32 in [0, 1], shape (H, W, 3), whatever the fil
 - animated images (GIF, APNG, WebP, multi-page TIFF) give their first frame;
 - transparency (RGBA, LA, palette with a transparent colour) is composited over white;
 - greyscale is repeated over the three channels; CMYK, YCbCr, LAB and HSV are converted by Pillow;
-- 16-bit images keep their precision (scaled by 1/65535), 32-bit float images are taken as [0, 1]
-  and clipped, 32-bit integer images as 16-bit.
+- 16-bit greyscale images keep their precision (scaled by 1/65535); 16-bit colour images are
+  reduced to 8 bits per channel by Pillow (the models see 8-bit images in training anyway);
+  32-bit float images are taken as [0, 1] and clipped, 32-bit integer images as 16-bit.
+
+Writing marks each image as vqcli's (EXIF ``Software`` tag), so that a later run can tell the
+images it decoded, which it may replace, from anyone else's, which it never replaces.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -26,6 +31,10 @@ IMAGE_EXTENSIONS = frozenset(
     ".png .jpg .jpeg .jpe .jfif .webp .bmp .dib .gif .tif .tiff .ppm .pgm .pbm .pnm .tga .ico .qoi".split()
 )
 OUTPUT_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+# The file-name extensions each output format is known by.
+FORMAT_EXTENSIONS = {"png": (".png",), "jpg": (".jpg", ".jpeg", ".jpe", ".jfif"), "webp": (".webp",)}
+SOFTWARE_TAG = 0x0131  # EXIF "Software"
+SOFTWARE = "vqcli"
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
@@ -36,31 +45,23 @@ def is_image_path(path: str | os.PathLike) -> bool:
 def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read an image file as RGB float32 in [0, 1], shape (H, W, 3), or raise ``FileError``.
 
-    Images of more than ``max_pixels`` pixels are refused before their pixels are decoded
-    (``None`` lifts the limit).
+    Images of more than ``max_pixels`` pixels are refused from their header, before their pixels
+    are decoded (``None`` lifts the limit). Safe to call from several threads at once.
     """
     path = Path(path)
+    _allow_pillow(max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            old_limit = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = None  # we check the size ourselves, before decoding
-            try:
-                with Image.open(path) as im:
-                    width, height = im.size
-                    if width < 1 or height < 1:
-                        raise FileError(path, f"image has no pixels ({width}x{height})")
-                    if max_pixels is not None and width * height > max_pixels:
-                        raise FileError(
-                            path,
-                            f"image is {width}x{height} = {width * height:,} pixels, over the limit of "
-                            f"{max_pixels:,} (a decompression bomb?); raise it with --max-pixels",
-                        )
-                    im.seek(0)
-                    im.load()
-                    return _to_rgb_float(ImageOps.exif_transpose(im))
-            finally:
-                Image.MAX_IMAGE_PIXELS = old_limit
+            with Image.open(path) as im:
+                width, height = im.size
+                if width < 1 or height < 1:
+                    raise FileError(path, f"image has no pixels ({width}x{height})")
+                if max_pixels is not None and width * height > max_pixels:
+                    raise FileError(path, _too_large(width, height, max_pixels))
+                im.seek(0)
+                im.load()
+                return _to_rgb_float(ImageOps.exif_transpose(im))
     except FileError:
         raise
     except IsADirectoryError:
@@ -71,9 +72,41 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_
         raise FileError(path, "permission denied") from None
     except UnidentifiedImageError:
         raise FileError(path, "not an image (or a format Pillow cannot read)") from None
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError, Image.DecompressionBombError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FileError(path, f"cannot decode image ({reason})") from None
+    except Image.DecompressionBombError as e:
+        raise FileError(path, f"{_first_line(e)}; raise the limit with --max-pixels") from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
+        raise FileError(path, f"cannot decode image ({_first_line(e)})") from None
+
+
+def _too_large(width: int, height: int, max_pixels: int) -> str:
+    return (
+        f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
+        "(a decompression bomb?); raise it with --max-pixels"
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+_pillow_lock = threading.Lock()
+
+
+def _allow_pillow(max_pixels: int | None) -> None:
+    """Raise Pillow's own bomb limit (a process-wide setting) to at least ``max_pixels``.
+
+    Only ever raised, never lowered, so that threads loading at once cannot undo each other; our
+    own check in ``load_image`` is what enforces the limit each caller asked for.
+    """
+    with _pillow_lock:
+        current = Image.MAX_IMAGE_PIXELS
+        if current is None:
+            return
+        if max_pixels is None:
+            Image.MAX_IMAGE_PIXELS = None
+        elif max_pixels > current:
+            Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def _to_rgb_float(im: Image.Image) -> np.ndarray:
@@ -110,11 +143,36 @@ def save_image(
     fmt: str = "png",
     quality: int = 95,
     overwrite: bool = False,
+    mark: bool = True,
 ) -> None:
-    """Write a [0, 1] float or uint8 (H, W, 3) image atomically."""
+    """Write a [0, 1] float or uint8 (H, W, 3) image atomically.
+
+    With ``mark`` the file carries vqcli's EXIF ``Software`` tag (see ``written_by_vqcli``).
+    """
     pil_format = OUTPUT_FORMATS[fmt]
     pixels = rgb if rgb.dtype == np.uint8 else to_uint8(rgb)
-    image = Image.fromarray(pixels, mode="RGB") if pixels.ndim == 3 else Image.fromarray(pixels)
-    options = {"quality": quality} if pil_format in ("JPEG", "WEBP") else {}
+    image = Image.fromarray(pixels) if pixels.ndim == 3 else Image.fromarray(pixels)
+    options: dict = {"quality": quality} if pil_format in ("JPEG", "WEBP") else {}
+    if mark:
+        exif = Image.Exif()
+        exif[SOFTWARE_TAG] = SOFTWARE
+        options["exif"] = exif
     with atomic_path(path, overwrite=overwrite) as tmp:
         image.save(tmp, format=pil_format, **options)
+
+
+def written_by_vqcli(path: str | os.PathLike) -> bool:
+    """True when ``path`` is an image that ``save_image`` wrote (it reads the header only)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                software = im.getexif().get(SOFTWARE_TAG)
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
+    return isinstance(software, str) and software.split(" ")[0] == SOFTWARE
+
+
+def format_matches(path: str | os.PathLike, fmt: str) -> bool:
+    """Whether the file name's extension is one the output format ``fmt`` is known by."""
+    return Path(path).suffix.lower() in FORMAT_EXTENSIONS[fmt]
