@@ -1,0 +1,617 @@
+"""The batch pipeline: from input paths to one result per file. Prints nothing.
+
+``encode_files`` and ``decode_files`` are generators of ``FileResult``. Each is a chain of small
+stages, each one function, so that each can be replaced on its own (tiling for large images in
+``compute``, loading in worker threads in place of ``_prepare_stage``, a share of the inputs per
+process in front of ``find_jobs``):
+
+    find_jobs          walk the inputs (streaming), name each output, refuse collisions
+    check_existing     skip finished outputs (resume); never touch files vqcli did not write
+    prepare_image      load, pad and record the original size  |  prepare_latent: read, validate,
+                                                                   choose and check the model
+    batched            group items of equal shape, at most ``batch_size``, few held back
+    compute            run the model on a batch under inference mode; a batch that fails is
+                       retried one item at a time; non-finite outputs in reduced precision are
+                       redone in float32 (reported in the result)
+    write_latent / save_image   atomic writes (temporary name, then rename)
+
+A failure in one file (``FileError``) becomes that file's result and the others go on. Memory
+stays flat over any number of files: files are found while they are processed, and at most a few
+batches of images are held at once.
+
+Output names: each input's path relative to the folder it was found in (a file named directly:
+its name) is mirrored under the output folder. Encoding appends ``.safetensors`` to the whole
+image name (``a.png`` -> ``a.png.safetensors``, so ``a.png`` and ``a.jpg`` never collide).
+Decoding strips ``.safetensors``; the remaining name is kept when its extension already is the
+output format's (``a.png.safetensors`` -> ``a.png``) and gets the format's extension appended
+otherwise (``a.jpg.safetensors`` -> ``a.jpg.png``). Output paths come only from input paths, never
+from anything inside a file. Two inputs that would write the same output (the same relative path
+under two input folders) are refused, the second one failing with a message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import latents as lat
+from .accel import compute_context, memory_format_for
+from .autoencoder import AutoEncoder
+from .errors import FileError, UsageError, VqcliError
+from .fileio import TMP_PREFIX
+from .images import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, format_matches, is_image_path, load_image, save_image
+from .images import written_by_vqcli
+from .models import ModelRef, is_embedded, resolve_model, with_factors
+from .padding import from_model_output, pad_to_multiple, to_model_input
+
+log = logging.getLogger(__name__)
+
+DONE, SKIPPED, FAILED = "done", "skipped", "failed"
+
+
+# --- results and jobs -----------------------------------------------------------------------------
+
+
+@dataclass
+class FileResult:
+    """What happened to one input file."""
+
+    input: Path
+    output: Path | None
+    status: str  # DONE, SKIPPED or FAILED
+    reason: str = ""  # why it was skipped or failed
+    fallback_fp32: bool = False  # reduced precision gave NaN/Inf; redone in float32
+    info: dict[str, Any] = field(default_factory=dict)  # width, height, ...
+
+    @property
+    def message(self) -> str:
+        """``path: reason``, as printed for failures."""
+        return f"{self.input}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input file and the output it becomes."""
+
+    input: Path
+    root: Path  # the folder it was found in (for a file named directly, the folder holding it)
+    rel: PurePosixPath  # its path relative to ``root``
+    output: Path
+
+
+def _failed(path: Path, reason: str, output: Path | None = None) -> FileResult:
+    return FileResult(Path(path), output, FAILED, reason)
+
+
+def _from_error(job: Job, e: FileError) -> FileResult:
+    # Name the input even when the error is about the output.
+    reason = e.reason if Path(e.path) == job.input else f"{e.path}: {e.reason}"
+    return FileResult(job.input, job.output, FAILED, reason)
+
+
+# --- finding inputs and naming outputs ------------------------------------------------------------
+
+
+def is_latent_path(path: str | os.PathLike) -> bool:
+    return Path(path).name.lower().endswith(lat.SUFFIX)
+
+
+def encoded_name(image_name: str) -> str:
+    """``a.png`` -> ``a.png.safetensors``."""
+    return image_name + lat.SUFFIX
+
+
+def decoded_name(latent_name: str, fmt: str) -> str:
+    """``a.png.safetensors`` -> ``a.png``; ``a.jpg.safetensors`` -> ``a.jpg.png`` (for ``png``)."""
+    if fmt not in OUTPUT_FORMATS:
+        raise UsageError(f"unknown image format {fmt!r} (use {', '.join(OUTPUT_FORMATS)})")
+    base = latent_name[: -len(lat.SUFFIX)] if is_latent_path(latent_name) else latent_name
+    if not base:
+        base = "image"
+    return base if format_matches(base, fmt) else f"{base}.{fmt}"
+
+
+def check_inputs(paths: Sequence[Path]) -> None:
+    """Every input named on the command line must exist (a typo is a usage error, before any work)."""
+    if not paths:
+        raise UsageError("no inputs given")
+    for p in paths:
+        if not os.path.lexists(p):
+            raise UsageError(f"{p}: no such file or folder")
+
+
+def walk(
+    paths: Sequence[Path], accept: Callable[[str], bool], *, exclude: Path | None = None
+) -> Iterator[tuple[Path, Path, PurePosixPath] | FileResult]:
+    """``(file, root, relative path)`` for each input, in sorted order, as it is found.
+
+    Folders are walked recursively (following symbolic links, each real folder once, so that link
+    loops end), taking the files ``accept`` (given the name) approves; files named directly are
+    taken whatever their name. ``exclude`` (the output folder) is not walked into. Folders that
+    cannot be read give a failed ``FileResult``.
+    """
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            seen: set[str] = set()
+            yield from _walk_dir(path, path, accept, seen, _real(exclude) if exclude else None)
+        else:
+            yield path, path.parent, PurePosixPath(path.name)
+
+
+def _real(path: Path) -> str:
+    return os.path.realpath(path)
+
+
+def _walk_dir(root: Path, folder: Path, accept, seen: set[str], exclude: str | None):
+    real = _real(folder)
+    if real in seen:
+        return
+    seen.add(real)
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        yield _failed(folder, f"cannot read folder ({e.strerror or e})")
+        return
+    for entry in entries:
+        if entry.name.startswith(TMP_PREFIX):
+            continue  # an unfinished write of an interrupted run
+        path = Path(entry.path)
+        try:
+            is_dir = entry.is_dir()  # follows symbolic links
+        except OSError:
+            is_dir = False
+        if is_dir:
+            if exclude is None or _real(path) != exclude:
+                yield from _walk_dir(root, path, accept, seen, exclude)
+        elif accept(entry.name):
+            yield path, root, PurePosixPath(path.relative_to(root).as_posix())
+
+
+def find_jobs(
+    paths: Sequence[Path],
+    output_dir: Path,
+    *,
+    accept: Callable[[str], bool],
+    name: Callable[[str], str],
+) -> Iterator[Job | FileResult]:
+    """A ``Job`` per input file (or a failed result for one that cannot be used), streaming."""
+    out_real = _real(output_dir)
+    claimed: dict[str, Path] = {}  # output -> the input that claimed it (one short string each)
+    for item in walk(paths, accept, exclude=output_dir):
+        if isinstance(item, FileResult):
+            yield item
+            continue
+        path, root, rel = item
+        output = output_dir.joinpath(*rel.parent.parts, name(rel.name))
+        key = os.path.normcase(os.path.join(out_real, *rel.parent.parts, name(rel.name)))
+        if key in claimed:
+            yield _failed(
+                path,
+                f"its output {output} is also the output of {claimed[key]} (the same relative path "
+                "under two inputs); encode them into separate folders",
+                output,
+            )
+            continue
+        if _real(path) == _real(output):
+            yield _failed(path, "its output would be the input itself; choose another output folder", output)
+            continue
+        claimed[key] = path
+        yield Job(path, root, rel, output)
+
+
+def count_inputs(paths: Sequence[Path], accept: Callable[[str], bool], *, exclude: Path | None = None) -> int:
+    """How many files ``walk`` will give (names only: cheap, for the progress bar)."""
+    return sum(1 for item in walk(paths, accept, exclude=exclude) if not isinstance(item, FileResult))
+
+
+def image_jobs(paths: Sequence[Path], output_dir: Path) -> Iterator[Job | FileResult]:
+    return find_jobs(paths, output_dir, accept=is_image_path, name=encoded_name)
+
+
+def latent_jobs(paths: Sequence[Path], output_dir: Path, fmt: str) -> Iterator[Job | FileResult]:
+    return find_jobs(paths, output_dir, accept=is_latent_path, name=lambda n: decoded_name(n, fmt))
+
+
+# --- resuming -------------------------------------------------------------------------------------
+
+
+def check_existing(job: Job, *, overwrite: bool, ours: Callable[[Path], bool]) -> FileResult | None:
+    """``None`` when ``job`` should run; a skipped or failed result when its output is in the way.
+
+    An existing output that vqcli wrote is skipped (resume) or, with ``overwrite``, replaced. Any
+    other file in the way (an original image, someone's file) is never replaced.
+    """
+    out = job.output
+    if not os.path.lexists(out):
+        return None
+    if out.is_dir() or out.is_symlink():
+        return FileResult(job.input, out, FAILED, f"output {out} exists and is a folder or a link; not replaced")
+    if not ours(out):
+        return FileResult(
+            job.input,
+            out,
+            FAILED,
+            f"output {out} exists and was not written by vqcli (an original?); not replaced",
+        )
+    if overwrite:
+        return None
+    return FileResult(job.input, out, SKIPPED, "exists")
+
+
+# --- batching and computing -----------------------------------------------------------------------
+
+
+@dataclass
+class Item:
+    """One file on its way through the model."""
+
+    job: Job
+    data: torch.Tensor  # (1, ...) model input: padded image, latent or indices
+    key: tuple  # items with equal keys can share a batch
+    model: AutoEncoder
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def batched(
+    stream: Iterable[Item | FileResult], batch_size: int, *, max_pending: int | None = None
+) -> Iterator[list[Item] | FileResult]:
+    """Group items of equal ``key`` into lists of at most ``batch_size``; results pass through.
+
+    At most ``max_pending`` items (default 4 batches) are held back waiting for partners; past that
+    the oldest group goes out as it is.
+    """
+    if batch_size <= 1:
+        for item in stream:
+            yield item if isinstance(item, FileResult) else [item]
+        return
+    limit = max_pending or 4 * batch_size
+    pending: dict[tuple, list[Item]] = {}
+    held = 0
+    for item in stream:
+        if isinstance(item, FileResult):
+            yield item
+            continue
+        group = pending.setdefault(item.key, [])
+        group.append(item)
+        held += 1
+        if len(group) >= batch_size:
+            held -= len(group)
+            yield pending.pop(item.key)
+        elif held > limit:
+            oldest = next(iter(pending))
+            held -= len(pending[oldest])
+            yield pending.pop(oldest)
+    yield from pending.values()
+
+
+def compute(
+    batch: list[Item], fn: Callable[[AutoEncoder, torch.Tensor], torch.Tensor], dtype: torch.dtype
+) -> list[tuple[Item, torch.Tensor | FileError, bool]]:
+    """Run ``fn(model, inputs)`` over a batch: ``(item, output or error, redone in float32)`` each.
+
+    A batch that fails as a whole (out of memory, say) is retried one item at a time, so that only
+    the items that fail on their own are reported. A floating output with NaN or Inf values is
+    redone in float32 when ``dtype`` is reduced precision, and an error otherwise.
+    """
+    model = batch[0].model
+    device = next(model.parameters()).device
+    try:
+        out = _run(model, fn, torch.cat([item.data for item in batch]), device, dtype)
+    except RuntimeError as e:
+        if len(batch) > 1:
+            log.debug("batch of %d failed (%s); retrying one by one", len(batch), e)
+            return [r for item in batch for r in compute([item], fn, dtype)]
+        log.debug("model failed on %s", batch[0].job.input, exc_info=True)
+        return [(batch[0], FileError(batch[0].job.input, f"model failed ({_first_line(e)})"), False)]
+    results = []
+    for i, item in enumerate(batch):
+        y = out[i : i + 1]
+        redone = False
+        if y.is_floating_point() and not bool(torch.isfinite(y).all()):
+            if dtype != torch.float32:
+                try:
+                    y = _run(model, fn, item.data, device, torch.float32)
+                except RuntimeError as e:
+                    results.append((item, FileError(item.job.input, f"model failed ({_first_line(e)})"), False))
+                    continue
+                redone = True
+            if not bool(torch.isfinite(y).all()):
+                results.append((item, FileError(item.job.input, "the model's output has NaN or infinite values"), redone))
+                continue
+        results.append((item, y, redone))
+    return results
+
+
+def _run(model, fn, x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    x = x.to(device)
+    if x.dim() == 4 and x.is_floating_point():
+        x = x.contiguous(memory_format=memory_format_for(dtype))
+    with compute_context(device, dtype):
+        y = fn(model, x)
+    return y.detach().to("cpu")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+# --- encoding -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    batch_size: int = 1
+    sample: bool = False  # KL: a draw from the latent distribution instead of its mean
+    seed: int | None = None  # with sample: each image's draw is seeded from this and its path
+    scaled: bool = False  # KL: write diffusion-ready (z - shift) * scale
+    overwrite: bool = False
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+
+
+def encode_files(
+    inputs: Sequence[Path],
+    output_dir: Path,
+    model: AutoEncoder,
+    ref: ModelRef,
+    *,
+    dtype: torch.dtype = torch.float32,
+    options: EncodeOptions = EncodeOptions(),
+) -> Iterator[FileResult]:
+    """Encode every image among ``inputs`` into a latent file under ``output_dir``.
+
+    ``model`` is ready for inference (``models.resolve_model``); ``ref`` names it in the files.
+    """
+    check_encode_options(model, options)
+    seed = options.seed if options.seed is not None else (secrets.randbits(62) if options.sample else None)
+    stream = _prepare_stage(
+        image_jobs(inputs, output_dir),
+        lambda job: prepare_image(job, model, max_pixels=options.max_pixels),
+        overwrite=options.overwrite,
+        ours=lat.is_latent_file,
+    )
+    # A draw is seeded per image, so it must not depend on the company in its batch.
+    batch_size = 1 if options.sample else options.batch_size
+    for batch in batched(stream, batch_size):
+        if isinstance(batch, FileResult):
+            yield batch
+            continue
+        if options.sample:
+            image_seed = derive_seed(seed, batch[0].job.rel)
+            batch[0].info["seed"] = image_seed
+            fn = _encode_fn(model.config.kind, sample=True, scaled=options.scaled, seed=image_seed)
+        else:
+            fn = _encode_fn(model.config.kind, sample=False, scaled=options.scaled, seed=None)
+        for item, out, redone in compute(batch, fn, dtype):
+            yield _finish_encode(item, out, redone, ref, options)
+
+
+def check_encode_options(model: AutoEncoder, options: EncodeOptions) -> None:
+    if options.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    if model.config.kind == "vq" and (options.sample or options.scaled):
+        raise UsageError("--sample and --scaled apply to KL models; a VQ model's latents are codebook indices")
+
+
+def derive_seed(seed: int, rel: PurePosixPath) -> int:
+    """The seed of one image's draw: from the run's seed and the image's relative path."""
+    digest = hashlib.sha256(f"{seed}\0{rel.as_posix()}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _prepare_stage(jobs, prepare: Callable[[Job], Item], *, overwrite: bool, ours) -> Iterator[Item | FileResult]:
+    for job in jobs:
+        if isinstance(job, FileResult):
+            yield job
+            continue
+        done = check_existing(job, overwrite=overwrite, ours=ours)
+        if done is not None:
+            yield done
+            continue
+        try:
+            yield prepare(job)
+        except FileError as e:
+            yield _from_error(job, e)
+
+
+def prepare_image(job: Job, model: AutoEncoder, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Item:
+    """Load an image, pad it to the model's factor and note its original size."""
+    rgb = load_image(job.input, max_pixels=max_pixels)
+    height, width = rgb.shape[:2]
+    x = pad_to_multiple(to_model_input(rgb), lat.pad_factor(height, width, model.config.downsampling))
+    return Item(job, x, key=tuple(x.shape), model=model, info={"width": width, "height": height})
+
+
+def _encode_fn(kind: str, *, sample: bool, scaled: bool, seed: int | None):
+    if kind == "vq":
+        return lambda model, x: model.encode_indices(x)
+
+    def encode(model: AutoEncoder, x: torch.Tensor) -> torch.Tensor:
+        generator = None
+        if sample:
+            generator = torch.Generator(device=x.device)
+            generator.manual_seed(seed)
+        return model.encode(x, sample=sample, generator=generator, scaled=scaled).float()
+
+    return encode
+
+
+def _finish_encode(item: Item, out, redone: bool, ref: ModelRef, options: EncodeOptions) -> FileResult:
+    job = item.job
+    if isinstance(out, FileError):
+        return _from_error(job, out)
+    model = item.model
+    meta = lat.make_meta(
+        model,
+        source=job.rel.as_posix(),
+        width=item.info["width"],
+        height=item.info["height"],
+        model_name=ref.name,
+        model_embedded=ref.embedded,
+        representation="indices" if model.config.kind == "vq" else ("sample" if options.sample else "mean"),
+        scaled=options.scaled,
+        seed=item.info.get("seed"),
+    )
+    return _write(job, lambda: lat.write_latent(job.output, out[0], meta, overwrite=options.overwrite), redone, item.info)
+
+
+def _write(job: Job, write: Callable[[], None], redone: bool, info: dict) -> FileResult:
+    try:
+        write()
+    except FileExistsError:
+        return FileResult(job.input, job.output, SKIPPED, "exists (written meanwhile by another run)")
+    except OSError as e:
+        return FileResult(job.input, job.output, FAILED, f"cannot write {job.output} ({e.strerror or e})")
+    return FileResult(job.input, job.output, DONE, fallback_fp32=redone, info=info)
+
+
+# --- decoding -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    batch_size: int = 1
+    fmt: str = "png"
+    quality: int = 95
+    overwrite: bool = False
+
+
+class ModelChooser:
+    """Which model decodes a latent: the one given (checked against the file), or the embedded one
+    the file names. Models are loaded once and kept for the run."""
+
+    def __init__(
+        self,
+        model: AutoEncoder | None = None,
+        label: str = "",
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        resolve: Callable[..., AutoEncoder] = resolve_model,
+    ):
+        self.model, self.label = model, label
+        self.device, self.dtype, self.resolve = device, dtype, resolve
+        self._embedded: dict[str, AutoEncoder | VqcliError] = {}
+        self._views: dict[tuple, AutoEncoder] = {}
+
+    def __call__(self, path: Path, meta: lat.LatentMeta) -> AutoEncoder:
+        if self.model is not None:
+            model, label = self.model, self.label
+        elif meta.model_embedded and is_embedded(meta.model):
+            model, label = self._embedded_model(path, meta.model), f"the embedded model {meta.model!r}"
+        else:
+            raise FileError(
+                path,
+                f"made by the model file {meta.model!r} (sha256 {meta.model_sha256[:12]}); pass that file with --model",
+            )
+        lat.check_model(path, meta, model, label)
+        if not meta.scaled:
+            return model
+        key = (id(model), meta.scale_factor, meta.shift_factor)
+        if key not in self._views:
+            self._views[key] = with_factors(model, meta.scale_factor, meta.shift_factor)
+        return self._views[key]
+
+    def _embedded_model(self, path: Path, name: str) -> AutoEncoder:
+        if name not in self._embedded:
+            try:
+                self._embedded[name] = self.resolve(name, device=self.device, dtype=self.dtype)
+            except VqcliError as e:
+                self._embedded[name] = e
+        found = self._embedded[name]
+        if isinstance(found, VqcliError):
+            raise FileError(path, f"made by the embedded model {name!r}, which cannot be loaded: {found}")
+        return found
+
+
+def decode_files(
+    inputs: Sequence[Path],
+    output_dir: Path,
+    models: ModelChooser,
+    *,
+    dtype: torch.dtype = torch.float32,
+    options: DecodeOptions = DecodeOptions(),
+) -> Iterator[FileResult]:
+    """Decode every latent file among ``inputs`` into an image under ``output_dir``."""
+    if options.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    decoded_name("x", options.fmt)  # validates the format
+    stream = _prepare_stage(
+        latent_jobs(inputs, output_dir, options.fmt),
+        lambda job: prepare_latent(job, models),
+        overwrite=options.overwrite,
+        ours=written_by_vqcli,
+    )
+    for batch in batched(stream, options.batch_size):
+        if isinstance(batch, FileResult):
+            yield batch
+            continue
+        fn = _decode_fn(batch[0].info["kind"], batch[0].info["scaled"])
+        for item, out, redone in compute(batch, fn, dtype):
+            yield _finish_decode(item, out, redone, options)
+
+
+def prepare_latent(job: Job, models: ModelChooser) -> Item:
+    """Read and validate a latent file and choose (and check) the model that decodes it."""
+    latent = lat.read_latent(job.input)
+    meta = latent.meta
+    model = models(job.input, meta)
+    if meta.kind == "vq":
+        data = latent.tensor.long().unsqueeze(0)
+    else:
+        data = latent.tensor.float().unsqueeze(0)
+    info = {"width": meta.width, "height": meta.height, "kind": meta.kind, "scaled": meta.scaled}
+    return Item(job, data, key=(id(model), meta.kind, meta.scaled, tuple(data.shape)), model=model, info=info)
+
+
+def _decode_fn(kind: str, scaled: bool):
+    if kind == "vq":
+        return lambda model, idx: model.decode_indices(idx)
+    return lambda model, z: model.decode(z, scaled=scaled)
+
+
+def _finish_decode(item: Item, out, redone: bool, options: DecodeOptions) -> FileResult:
+    job = item.job
+    if isinstance(out, FileError):
+        return _from_error(job, out)
+    info = {"width": item.info["width"], "height": item.info["height"]}
+    rgb = from_model_output(out[0], info["height"], info["width"])
+    return _write(
+        job,
+        lambda: save_image(rgb, job.output, fmt=options.fmt, quality=options.quality, overwrite=options.overwrite),
+        redone,
+        info,
+    )
+
+
+# --- in-memory helpers (for the library user and other commands) ---------------------------------
+
+
+def encode_array(model: AutoEncoder, rgb: np.ndarray, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One (H, W, 3) [0, 1] image to its latent (KL mean ``(C, h, w)`` or VQ indices ``(h, w)``)."""
+    height, width = rgb.shape[:2]
+    x = pad_to_multiple(to_model_input(rgb), lat.pad_factor(height, width, model.config.downsampling))
+    device = next(model.parameters()).device
+    return _run(model, _encode_fn(model.config.kind, sample=False, scaled=False, seed=None), x, device, dtype)[0]
+
+
+def decode_array(
+    model: AutoEncoder, latent: torch.Tensor, height: int, width: int, *, dtype: torch.dtype = torch.float32
+) -> np.ndarray:
+    """Inverse of ``encode_array``: the latent back to an (height, width, 3) [0, 1] image."""
+    kind = model.config.kind
+    data = (latent.long() if kind == "vq" else latent.float()).unsqueeze(0)
+    device = next(model.parameters()).device
+    y = _run(model, _decode_fn(kind, False), data, device, dtype)
+    return from_model_output(y[0], height, width)
