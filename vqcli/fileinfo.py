@@ -1,0 +1,112 @@
+"""What a file is: a latent file, a weights file, a features file or another safetensors file.
+
+``describe(path)`` returns a JSON-friendly dict (``type`` says which) or raises ``FileError``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from .errors import FileError, VqcliError
+
+MAX_LISTED = 64  # tensors listed one by one; past that, a summary
+
+
+def describe(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise FileError(path, "no such file")
+    if path.is_dir() or path.suffix.lower() != ".safetensors":
+        return _checkpoint(path, None)
+    from .native import read_safetensors_header
+
+    header = read_safetensors_header(path)
+    metadata = header.get("__metadata__") or {}
+    fmt = metadata.get("format")
+    if fmt == "vqcli.latent":
+        return _latent(path)
+    if fmt == "vqcli.weights":
+        return _weights(path)
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    if fmt == "vqcli.features":
+        return {"file": str(path), "type": "features", "metadata": metadata, **_tensor_listing(tensors)}
+    try:
+        return _checkpoint(path, tensors)
+    except FileError as e:
+        return {
+            "file": str(path),
+            "type": "safetensors",
+            "note": f"not a model vqcli can read ({e.reason})",
+            "metadata": metadata,
+            **_tensor_listing(tensors),
+        }
+
+
+def _latent(path: Path) -> dict:
+    from .latents import latent_stats, read_latent
+
+    latent = read_latent(path)
+    return {
+        "file": str(path),
+        "type": "latent",
+        **latent.meta.to_json(),
+        "tensor": {"name": "latent", "shape": list(latent.tensor.shape), "dtype": latent.meta.dtype},
+        "stats": latent_stats(latent),
+    }
+
+
+def _weights(path: Path) -> dict:
+    from .autoencoder import AutoEncoder, load_strict
+    from .native import read_native
+
+    config, state = read_native(path)
+    model = AutoEncoder(config)
+    load_strict(model, state, path)
+    return _model_info(path, "weights", model, state)
+
+
+def _model_info(path: Path, kind: str, model, state: dict | None = None) -> dict:
+    state = state if state is not None else model.state_dict()
+    c = model.config
+    return {
+        "file": str(path),
+        "type": kind,
+        "model": {"name": c.name, "sha256": model.identity(), "kind": c.kind},
+        "config": c.to_dict(),
+        "downsampling": c.downsampling,
+        "latent_channels": c.latent_channels,
+        "parameters": int(sum(t.numel() for t in state.values())),
+        "dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in state.values())),
+        "tensors": len(state),
+    }
+
+
+def _checkpoint(path: Path, tensors: dict | None) -> dict:
+    """A foreign checkpoint, through ``vqcli.checkpoints`` when it is installed."""
+    from .models import checkpoints_module
+
+    checkpoints = checkpoints_module()
+    if checkpoints is None:
+        what = "a folder" if path.is_dir() else "not a safetensors file"
+        raise FileError(path, f"{what}; this vqcli reads only safetensors files (no checkpoint readers installed)")
+    try:
+        model = checkpoints.load_checkpoint(path)
+    except VqcliError as e:
+        raise FileError(path, str(e.reason if isinstance(e, FileError) else e)) from None
+    return _model_info(path, "checkpoint", model)
+
+
+def _tensor_listing(header_tensors: dict) -> dict:
+    dtypes = Counter(str(v.get("dtype")) for v in header_tensors.values() if isinstance(v, dict))
+    listing = {
+        name: {"shape": v.get("shape"), "dtype": v.get("dtype")}
+        for name, v in list(header_tensors.items())[:MAX_LISTED]
+        if isinstance(v, dict)
+    }
+    return {
+        "tensors": len(header_tensors),
+        "dtypes": dict(dtypes),
+        "tensor_list": listing,
+        "tensor_list_truncated": len(header_tensors) > MAX_LISTED,
+    }
