@@ -1,0 +1,217 @@
+"""What the computing commands share: their options, and the run report (progress, failures, summary).
+
+The report has three modes: people (a progress bar and failures on stderr, a summary line on
+stdout), ``--quiet`` (failures only) and ``--json`` (one JSON object on stdout at the end).
+Failures are printed once each, as ``path: reason``, as they happen.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from collections.abc import Callable
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+from ..pipeline import DONE, FAILED, SKIPPED, FileResult
+from ._app import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, err_console, out_console
+
+# --- options --------------------------------------------------------------------------------------
+
+MODEL_HELP = "The model: 'default' (embedded KL model), 'default-vq' (embedded VQ model) or a weights file."
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
+OptionalModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help="The model; by default the one each latent file names (embedded models only)."),
+]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps.")
+]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--dtype", help="Compute precision: float32, bfloat16 (CUDA, or CPUs with native bf16) or float16 (GPU only)."
+    ),
+]
+BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images of equal size computed together.")]
+PresetOpt = Annotated[
+    Optional[str], typer.Option("--preset", help="Architecture preset, for checkpoints that do not describe themselves.")
+]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace outputs that exist (vqcli's own only).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary; failures only.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON summary object on stdout.")]
+MaxPixelsOpt = Annotated[
+    int,
+    typer.Option(
+        "--max-pixels",
+        min=0,
+        help="Refuse images larger than this many pixels (decompression bombs); 0: no limit.",
+    ),
+]
+
+
+def setup_device(device: str, dtype: str):
+    """Parse --device and --dtype (a ``UsageError`` naming what is wrong)."""
+    from ..devices import resolve_device, resolve_dtype
+
+    torch_device = resolve_device(device)
+    return torch_device, resolve_dtype(dtype, torch_device)
+
+
+# --- the run report -------------------------------------------------------------------------------
+
+
+class _RateColumn(ProgressColumn):
+    """Images per second over the whole run."""
+
+    def render(self, task) -> Text:
+        elapsed = task.elapsed or 0.0
+        rate = task.completed / elapsed if elapsed > 0 else 0.0
+        return Text(f"{rate:.2f} img/s", style="progress.data.speed")
+
+
+class RunReport:
+    """Collects per-file results of one run and shows them as the user asked.
+
+    Use as a context manager around the loop; ``add`` each result; ``finish`` prints the summary
+    and returns the exit code.
+    """
+
+    def __init__(
+        self,
+        command: str,
+        *,
+        verb: str,
+        count: Callable[[], int] | None = None,
+        quiet: bool = False,
+        as_json: bool = False,
+        extra: dict[str, Any] | None = None,
+    ):
+        """``count`` gives the number of inputs; called only when a progress bar can be shown
+        (stderr is a terminal), since counting walks the inputs once more."""
+        self.command, self.verb = command, verb
+        self.quiet, self.as_json = quiet, as_json
+        self.extra: dict[str, Any] = dict(extra or {})
+        self.counts = {DONE: 0, SKIPPED: 0, FAILED: 0}
+        self.failures: list[dict[str, str]] = []
+        self.fallbacks = 0
+        self.interrupted = False
+        self.started = time.perf_counter()
+        self.total = count() if (count is not None and not quiet and err_console.is_terminal) else None
+        show = self.total is not None and self.total > 1
+        self._progress = (
+            Progress(
+                TextColumn(f"[bold]{command}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                _RateColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=err_console,
+                transient=True,
+            )
+            if show
+            else None
+        )
+        self._task = None
+
+    def __enter__(self) -> "RunReport":
+        if self._progress is not None:
+            self._progress.start()
+            self._task = self._progress.add_task(self.command, total=self.total)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def add(self, result: FileResult) -> None:
+        self.counts[result.status] += 1
+        self.fallbacks += int(result.fallback_fp32)
+        if result.status == FAILED:
+            self.failures.append({"path": str(result.input), "reason": result.reason})
+            # markup off: file names may hold [brackets]; soft wrap: one line, whatever the width
+            err_console.print(result.message, markup=False, highlight=False, soft_wrap=True, style="red")
+        if self._progress is not None:
+            self._progress.advance(self._task)
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def summary(self) -> dict[str, Any]:
+        seconds = self.seconds
+        done = self.counts[DONE]
+        return {
+            "command": self.command,
+            **self.extra,
+            "total": sum(self.counts.values()),
+            "done": done,
+            "skipped": self.counts[SKIPPED],
+            "failed": self.counts[FAILED],
+            "fp32_fallbacks": self.fallbacks,
+            "failures": self.failures,
+            "interrupted": self.interrupted,
+            "seconds": round(seconds, 3),
+            "images_per_second": round(done / seconds, 3) if seconds > 0 else 0.0,
+        }
+
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        return EXIT_SOME_FAILED if self.counts[FAILED] else EXIT_OK
+
+    def finish(self) -> int:
+        """Print the summary (JSON on stdout, or one line for people) and return the exit code."""
+        s = self.summary()
+        if self.as_json:
+            out_console.print_json(json.dumps(s))
+        elif not self.quiet:
+            parts = [f"{s['done']} {self.verb}"]
+            if s["skipped"]:
+                parts.append(f"{s['skipped']} skipped (already there)")
+            if s["failed"]:
+                parts.append(f"{s['failed']} failed")
+            if s["fp32_fallbacks"]:
+                parts.append(f"{s['fp32_fallbacks']} redone in float32 (NaN/Inf in reduced precision)")
+            rate = f" ({s['images_per_second']:.2f} images/s)" if s["done"] else ""
+            where = f" -> {escape(str(self.extra['output']))}" if "output" in self.extra else ""
+            text = f"{', '.join(parts)} in {s['seconds']:.1f} s{rate}{where}"
+            if self.interrupted:
+                text = "interrupted: " + text
+            if s["total"] == 0:
+                text = "nothing to do: no input files found"
+            out_console.print(text, highlight=False, soft_wrap=True)
+        return self.exit_code()
+
+
+def run_report(report: RunReport, results) -> None:
+    """Feed ``results`` into ``report``, print the summary and exit with its code.
+
+    Ctrl-C stops the run between files: what was finished stays finished (each file is written
+    atomically), the summary says so, and the exit code is 130.
+    """
+    try:
+        with report:
+            for result in results:
+                report.add(result)
+    except KeyboardInterrupt:
+        report.interrupted = True
+    raise typer.Exit(report.finish())
+
+
+def epilog(*examples: str) -> str:
+    """An --help epilog of examples, one per line (the double newline keeps them apart in rich help)."""
+    return "\n\n".join(["[bold]Examples[/bold]", *(f"  {escape(e)}" for e in examples)])
+
+
+def help_text(text: str) -> str:
+    """A help text written as an indented docstring, with each paragraph joined into one line
+    (rich help keeps line breaks as they are)."""
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)

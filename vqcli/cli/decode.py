@@ -1,0 +1,94 @@
+"""``vqcli decode``: latent files back to images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._app import app, handle_errors
+from .common import (
+    BatchOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    OptionalModelOpt,
+    OverwriteOpt,
+    PresetOpt,
+    QuietOpt,
+    RunReport,
+    epilog,
+    help_text,
+    run_report,
+    setup_device,
+)
+
+
+HELP = help_text(
+    """
+    Decode latent files back into images at their original width and height.
+
+    Everything needed comes from each file: the model (an embedded model by its name; a latent
+    made with a weights file needs that file again with --model), the scale and shift, the
+    original size. A latent made by a different model than --model is refused.
+
+    The relative layout of the inputs is mirrored under OUTPUT: 'a.png.safetensors' becomes
+    'a.png'; a name whose extension is not the output format's gets it appended
+    ('a.jpg.safetensors' -> 'a.jpg.png'). Existing images vqcli wrote are kept (the run resumes)
+    unless --overwrite; files vqcli did not write (the original images, say) are never replaced.
+    """
+)
+
+
+@app.command(
+    help=HELP,
+    epilog=epilog(
+        "vqcli decode latents -o recon",
+        "vqcli decode latents/a.png.safetensors -o recon --format jpg --quality 90",
+        "vqcli decode latents -o recon --model sd-vae.safetensors --batch-size 4 --json",
+    )
+)
+@handle_errors
+def decode(
+    inputs: Annotated[list[Path], typer.Argument(metavar="INPUT...", help="Latent files and folders of them (walked recursively).", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the images (created if needed).")],
+    model: OptionalModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    batch_size: BatchOpt = 1,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="Image format: png, jpg or webp.")] = "png",
+    quality: Annotated[int, typer.Option("--quality", min=1, max=100, help="jpg and webp quality.")] = 95,
+    preset: PresetOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    from ..models import resolve_model
+    from ..pipeline import DecodeOptions, ModelChooser, check_inputs, count_inputs, decode_files, is_latent_path
+
+    check_inputs(inputs)
+    fmt = fmt.lower().lstrip(".")
+    fmt = {"jpeg": "jpg"}.get(fmt, fmt)
+    if fmt not in ("png", "jpg", "webp"):
+        raise typer.BadParameter(f"{fmt!r} is not one of png, jpg, webp", param_hint="'--format'")
+    torch_device, torch_dtype = setup_device(device, dtype)
+    if model is not None:
+        ae = resolve_model(model, device=torch_device, dtype=torch_dtype, preset=preset)
+        chooser = ModelChooser(ae, f"--model {model}", device=torch_device, dtype=torch_dtype)
+        model_info = {"name": model, "sha256": ae.identity(), "kind": ae.config.kind}
+    else:
+        chooser = ModelChooser(device=torch_device, dtype=torch_dtype)
+        model_info = None
+    options = DecodeOptions(batch_size=batch_size, fmt=fmt, quality=quality, overwrite=overwrite)
+    results = decode_files(inputs, output, chooser, dtype=torch_dtype, options=options)
+    extra = {"output": str(output), "model": model_info, "device": str(torch_device), "dtype": dtype, "format": fmt}
+    report = RunReport(
+        "decode",
+        verb="decoded",
+        count=lambda: count_inputs(inputs, is_latent_path, exclude=output),
+        quiet=quiet,
+        as_json=as_json,
+        extra=extra,
+    )
+    run_report(report, results)

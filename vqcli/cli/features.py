@@ -1,0 +1,124 @@
+"""``vqcli features``: every layer's feature map of one image, as tensors, pictures and a table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from ..images import DEFAULT_MAX_PIXELS
+from ._app import app, fail, handle_errors, out_console
+from .common import (
+    DeviceOpt,
+    JsonOpt,
+    MaxPixelsOpt,
+    ModelOpt,
+    OverwriteOpt,
+    PresetOpt,
+    QuietOpt,
+    epilog,
+    help_text,
+    setup_device,
+)
+
+HELP = help_text(
+    """
+    Show what every layer of the model makes of one image.
+
+    Runs IMAGE through the encoder and the decoder (forward_with_features_output) and writes into
+    OUTPUT (default: IMAGE-NAME.features in the current folder):
+
+    features.safetensors: every layer's feature map (C, H, W), keys like encoder.conv_in,
+    encoder.down0_block0, decoder.up1_block0 (--dtype float16 halves the size);
+    layers/KEY.png: the layer's most active channels (largest mean |activation|) as a labelled
+    grid; overview.png: all layers side by side.
+
+    Prints a table of each layer's shape, mean, std, min and max (or JSON with --json).
+    """
+)
+
+
+@app.command(
+    help=HELP,
+    epilog=epilog(
+        "vqcli features sample_images/astronaut.png",
+        "vqcli features photo.jpg -o feats --layers 'down*' --layers 'mid*' --dtype float16",
+        "vqcli features photo.jpg --model default-vq --json",
+    ),
+)
+@handle_errors
+def features(
+    image: Annotated[Path, typer.Argument(metavar="IMAGE", help="The image.", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for the results.")] = None,
+    model: ModelOpt = "default",
+    layers: Annotated[
+        Optional[list[str]],
+        typer.Option("--layers", "-l", help="Only layers matching this glob (repeatable), e.g. 'down*', 'decoder.up1*'."),
+    ] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Stored maps: float32, float16 or bfloat16.")] = "float32",
+    compute_dtype: Annotated[str, typer.Option("--compute-dtype", help="Compute precision (as --dtype of encode).")] = "float32",
+    channels: Annotated[int, typer.Option("--channels", min=1, help="Channels shown per layer picture.")] = 16,
+    device: DeviceOpt = "auto",
+    preset: PresetOpt = None,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    from ..devices import DTYPES
+    from ..features import extract_features, layer_grid, layer_stats, overview, save_features, save_png, select_layers
+    from ..images import load_image
+    from ..models import model_ref, resolve_model
+
+    if dtype not in DTYPES:
+        raise fail(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if not image.exists():
+        raise fail(f"{image}: no such file")
+    out = output if output is not None else Path(f"{image.name}.features")
+    targets = [out / "features.safetensors", out / "overview.png"]
+    if not overwrite:
+        existing = [p for p in targets if p.exists()]
+        if existing:
+            raise fail(f"{existing[0]}: already exists (use --overwrite to replace it)")
+    torch_device, torch_dtype = setup_device(device, compute_dtype)
+    ae = resolve_model(model, device=torch_device, dtype=torch_dtype, preset=preset)
+    rgb = load_image(image, max_pixels=max_pixels or None)
+    maps = select_layers(extract_features(ae, rgb, dtype=torch_dtype), layers or [])
+    if not maps:
+        raise fail(f"no layer matches {', '.join(layers or [])}")
+
+    height, width = rgb.shape[:2]
+    meta = {"source": image.name, "width": str(width), "height": str(height), "model": model_ref(model).name,
+            "model_sha256": ae.identity()}
+    save_features(out / "features.safetensors", maps, dtype=DTYPES[dtype], metadata=meta, overwrite=True)
+    rows = []
+    for key, t in maps.items():
+        png = out / "layers" / f"{key}.png"
+        save_png(layer_grid(key, t, channels=channels), png, overwrite=True)
+        rows.append({"layer": key, **layer_stats(t), "png": str(png)})
+    save_png(overview(maps), out / "overview.png", overwrite=True)
+
+    if as_json:
+        summary = {
+            "image": str(image),
+            "width": width,
+            "height": height,
+            "model": {"name": model_ref(model).name, "sha256": ae.identity(), "kind": ae.config.kind},
+            "features": str(out / "features.safetensors"),
+            "overview": str(out / "overview.png"),
+            "dtype": dtype,
+            "layers": rows,
+        }
+        out_console.print_json(json.dumps(summary))
+        return
+    if quiet:
+        return
+    table = Table(title=f"{image.name}: {width}x{height}, {len(rows)} layers -> {out}")
+    for col in ("layer", "shape", "mean", "std", "min", "max"):
+        table.add_column(col, justify="left" if col in ("layer", "shape") else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(r["layer"], "x".join(map(str, r["shape"])), *(f"{r[k]:.4g}" for k in ("mean", "std", "min", "max")))
+    out_console.print(table)
