@@ -325,3 +325,5 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str | 
                 parts.append(f"{len(items)} {label}: {shown}")
         raise FileError(source, "weights do not match the model: " + "; ".join(parts))
     model.load_state_dict(state, strict=True, assign=False)
+    if isinstance(model, AutoEncoder):
+        model.invalidate_identity()  # new weights, new identity
