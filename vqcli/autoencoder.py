@@ -298,13 +298,13 @@ class AutoEncoder(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> "AutoEncoder":
-        """Load a native weights file written by ``save``."""
+        """Load a native weights file written by ``save``, in eval mode (like the checkpoint readers)."""
         from .native import read_native
 
         config, state = read_native(Path(path))
         model = cls(config)
         load_strict(model, state, path)
-        return model.to(device)
+        return model.to(device).eval()
 
 
 def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
