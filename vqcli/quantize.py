@@ -82,7 +82,8 @@ class VectorQuantizer(nn.Module):
         codes = self.embedding(indices).to(z.dtype).view(b, h, w, c).permute(0, 3, 1, 2)
         if self.training or torch.is_grad_enabled():
             loss = F.mse_loss(codes, z.detach()) + self.beta * F.mse_loss(z, codes.detach())
-            codes = z + (codes - z).detach()
+            if z.requires_grad:  # without a graph the detour only adds rounding to the codes
+                codes = z + (codes - z).detach()
         else:
             loss = z.new_zeros(())
         return Quantized(codes.contiguous(), indices.view(b, h, w), loss)
