@@ -53,7 +53,7 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with _open_unchecked(path) as im:
                 width, height = im.size
                 if width < 1 or height < 1:
                     raise FileError(path, f"image has no pixels ({width}x{height})")
@@ -91,6 +91,19 @@ def _first_line(e: BaseException) -> str:
 
 
 _pillow_lock = threading.Lock()
+
+
+def _open_unchecked(path: Path) -> Image.Image:
+    """``Image.open`` (which reads the header only) without Pillow's bomb check, so that ours can
+    name the image's size. Pillow's limit is a process-wide setting: it is lifted only for the
+    duration of the header parse, under a lock."""
+    with _pillow_lock:
+        old = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
 
 
 def _allow_pillow(max_pixels: int | None) -> None:
