@@ -619,3 +619,79 @@ def test_ctrl_c_stops_cleanly_with_exit_130(tmp_path, models):
     assert s["interrupted"] is True and s["done"] >= 2
     assert s["done"] == len(list(out.glob("*.png.safetensors")))
     assert not any(p.name.startswith(TMP_PREFIX) for p in out.iterdir())
+
+
+# --- pipeline pieces ----------------------------------------------------------------------------
+
+
+def test_batching_holds_back_only_a_few_items():
+    """Memory stays flat: with every image a different size, at most a few batches wait for partners."""
+    from vqcli.pipeline import Item, Job, batched
+
+    consumed = []
+
+    def stream():
+        for i in range(1000):
+            consumed.append(i)
+            job = Job(Path(f"{i}.png"), Path("."), Path(f"{i}.png"), Path(f"o/{i}"))
+            yield Item(job, torch.zeros(1), key=(i,), model=None)
+
+    yielded = 0
+    for batch in batched(stream(), 4):
+        yielded += len(batch)
+        assert len(consumed) - yielded <= 4 * 4 + 1
+        assert len({item.key for item in batch}) == 1
+    assert yielded == 1000
+
+
+def test_reduced_precision_nan_is_redone_in_float32():
+    from vqcli.pipeline import Item, Job, compute
+
+    model = AutoEncoder(KL_CONFIG).eval()
+
+    def fn(m, x):  # NaN only when autocast is on: what an fp16 overflow looks like
+        y = x * 2
+        return torch.full_like(y, float("nan")) if torch.is_autocast_enabled("cpu") else y
+
+    items = [Item(Job(Path(f"{i}"), Path("."), Path(f"{i}"), Path("o")), torch.ones(1, 3, 4, 4) * i, (0,), model) for i in range(2)]
+    results = compute(items, fn, torch.bfloat16)
+    assert [redone for _, _, redone in results] == [True, True]
+    assert torch.equal(results[1][1], torch.full((1, 3, 4, 4), 2.0))
+    (_, err, _), = compute(items[:1], lambda m, x: x * float("nan"), torch.float32)
+    assert "NaN or infinite" in str(err)
+
+
+def test_bfloat16_encode_is_close_to_float32(tmp_path, models, images):
+    assert cli("encode", images, "-o", tmp_path / "f32", "--model", models["kl"]).exit_code == 0
+    r = cli("encode", images, "-o", tmp_path / "bf16", "--model", models["kl"], "--dtype", "bfloat16", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["dtype"] == "bfloat16"
+    a, _ = _read_latent(tmp_path / "f32" / "odd.png.safetensors")
+    b, meta = _read_latent(tmp_path / "bf16" / "odd.png.safetensors")
+    assert b.dtype == torch.float32 and meta["dtype"] == "float32"
+    assert 0 < (a - b).abs().max() < 0.1
+
+
+def test_walk_skips_temporary_files_output_folder_and_link_loops(tmp_path, models):
+    root = tmp_path / "in"
+    _write(root / "a.png", _photo(8, 8, 1))
+    _write(root / "sub" / "b.png", _photo(8, 8, 2))
+    (root / f"{TMP_PREFIX}abc.png").write_bytes(b"half-written")
+    (root / "sub" / "loop").symlink_to(root, target_is_directory=True)
+    out = root / "latents"  # the output inside the input
+    assert cli("encode", root, "-o", out, "--model", models["kl"]).exit_code == 0
+    _write(out / "decoy.png", _photo(8, 8, 3))  # an image inside the output folder is not an input
+    r = cli("encode", root, "-o", out, "--model", models["kl"], "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert (s["total"], s["skipped"], s["failed"]) == (2, 2, 0)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.safetensors")) == [
+        "a.png.safetensors",
+        "sub/b.png.safetensors",
+    ]
+
+
+def test_output_that_is_a_file_is_a_usage_error(tmp_path, models, images):
+    (tmp_path / "file").write_text("x")
+    r = cli("encode", images, "-o", tmp_path / "file", "--model", models["kl"])
+    assert r.exit_code == 2 and "the output must be a folder" in r.stderr

@@ -120,13 +120,16 @@ def decoded_name(latent_name: str, fmt: str) -> str:
     return base if format_matches(base, fmt) else f"{base}.{fmt}"
 
 
-def check_inputs(paths: Sequence[Path]) -> None:
-    """Every input named on the command line must exist (a typo is a usage error, before any work)."""
+def check_inputs(paths: Sequence[Path], output_dir: Path | None = None) -> None:
+    """Every input named on the command line must exist and the output must be a folder (typos are
+    usage errors, found before any work)."""
     if not paths:
         raise UsageError("no inputs given")
     for p in paths:
         if not os.path.lexists(p):
             raise UsageError(f"{p}: no such file or folder")
+    if output_dir is not None and os.path.lexists(output_dir) and not Path(output_dir).is_dir():
+        raise UsageError(f"{output_dir}: the output must be a folder, and this is a file")
 
 
 def walk(
@@ -374,6 +377,7 @@ def encode_files(
     ``model`` is ready for inference (``models.resolve_model``); ``ref`` names it in the files.
     """
     check_encode_options(model, options)
+    check_inputs(inputs, output_dir)
     seed = options.seed if options.seed is not None else (secrets.randbits(62) if options.sample else None)
     stream = _prepare_stage(
         image_jobs(inputs, output_dir),
@@ -469,8 +473,10 @@ def _finish_encode(item: Item, out, redone: bool, ref: ModelRef, options: Encode
 def _write(job: Job, write: Callable[[], None], redone: bool, info: dict) -> FileResult:
     try:
         write()
-    except FileExistsError:
-        return FileResult(job.input, job.output, SKIPPED, "exists (written meanwhile by another run)")
+    except FileExistsError as e:
+        if os.path.lexists(job.output):  # the final rename found a file there: another run was quicker
+            return FileResult(job.input, job.output, SKIPPED, "exists (written meanwhile by another run)")
+        return FileResult(job.input, job.output, FAILED, f"cannot write {job.output} ({e.strerror or e})")
     except OSError as e:
         return FileResult(job.input, job.output, FAILED, f"cannot write {job.output} ({e.strerror or e})")
     return FileResult(job.input, job.output, DONE, fallback_fp32=redone, info=info)
@@ -547,6 +553,7 @@ def decode_files(
     if options.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     decoded_name("x", options.fmt)  # validates the format
+    check_inputs(inputs, output_dir)
     stream = _prepare_stage(
         latent_jobs(inputs, output_dir, options.fmt),
         lambda job: prepare_latent(job, models),

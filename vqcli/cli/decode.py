@@ -67,7 +67,7 @@ def decode(
     from ..models import resolve_model
     from ..pipeline import DecodeOptions, ModelChooser, check_inputs, count_inputs, decode_files, is_latent_path
 
-    check_inputs(inputs)
+    check_inputs(inputs, output)
     fmt = fmt.lower().lstrip(".")
     fmt = {"jpeg": "jpg"}.get(fmt, fmt)
     if fmt not in ("png", "jpg", "webp"):

@@ -80,7 +80,7 @@ def encode(
     from ..models import model_ref, resolve_model
     from ..pipeline import EncodeOptions, check_inputs, count_inputs, encode_files
 
-    check_inputs(inputs)
+    check_inputs(inputs, output)
     torch_device, torch_dtype = setup_device(device, dtype)
     ae = resolve_model(
         model, device=torch_device, dtype=torch_dtype, preset=preset, scale_factor=scale_factor, shift_factor=shift_factor
