@@ -181,12 +181,19 @@ def test_select_autoencoder_vae_prefix_and_bare_files():
     assert sel.prefix == "vae." and list(sel.keys) == ["decoder.conv_out.weight"]
     assert sel.ignored == ("transformer.x.weight",)
 
-    bare = ["encoder.conv_in.weight", "loss.discriminator.main.0.weight", "loss.perceptual_loss.net.slice1.0.weight", "extra.w"]
+    bare = [
+        "encoder.conv_in.weight",
+        "loss.discriminator.main.0.weight",
+        "loss.perceptual_loss.net.slice1.0.weight",
+        "model_ema.encoderconv_inweight",
+        "model_ema.decay",
+        "extra.w",
+    ]
     sel = select_autoencoder(bare)
     assert sel.prefix == ""
-    # loss.* is documented as ignored; anything else unknown stays, for strict loading to report
+    # loss.* and model_ema.* are documented as ignored; anything else unknown stays, for strict loading to report
     assert sorted(sel.keys) == ["encoder.conv_in.weight", "extra.w"]
-    assert len(sel.ignored) == 2
+    assert len(sel.ignored) == 4
 
 
 def test_strip_prefixes_returns_the_same_tensor_objects():

@@ -47,7 +47,7 @@ KL_VARIANTS = {
 def test_kl_encoder_moments_and_decoder_output_match_diffusers(config, make_diffusers, make_twin, images):
     dmodel = make_diffusers(config, seed=1)
     model = make_twin(dmodel, config)
-    x = images(2, 24, 40, seed=2)
+    x = images(2, 16, 24, seed=2)
 
     dist = dmodel.encode(x).latent_dist
     assert_close(model.encode_moments(x), dist.parameters)

@@ -46,9 +46,10 @@ T = TypeVar("T")
 # Prefixes under which full model checkpoints keep their autoencoder, tried in this order:
 # ldm / sgm (Stable Diffusion 1.x/2.x/XL, SD3 single files) and diffusers-style bundles.
 MODEL_PREFIXES = ("first_stage_model.", "vae.")
-# Keys under these (relative to the autoencoder) are training-only weights and always ignored:
-# the LPIPS network and the patch discriminator that ldm / taming checkpoints carry.
-IGNORED_PREFIXES = ("loss.",)
+# Keys under these (relative to the autoencoder) are training-only state and always ignored:
+# the LPIPS network and patch discriminator that ldm / taming checkpoints carry (``loss.``), and
+# the flattened EMA shadow copy (``model_ema.``) that ldm / sgm training keeps beside the weights.
+IGNORED_PREFIXES = ("loss.", "model_ema.")
 # Top-level names of the autoencoder's own weights.
 AUTOENCODER_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.")
 
@@ -84,8 +85,9 @@ def select_autoencoder(keys: Iterable[str]) -> Selection:
     A full model checkpoint keeps its autoencoder under ``first_stage_model.`` (ldm, sgm) or
     ``vae.``; everything else there (UNet, text encoders, EMA copies, ...) is ignored. A bare
     autoencoder has its keys at the top level. In both cases keys starting with ``loss.`` (the
-    LPIPS and discriminator weights saved by training) are ignored too. Nothing else is dropped:
-    unknown keys of a bare file stay, so that strict loading reports them.
+    LPIPS and discriminator weights saved by training) or ``model_ema.`` (an EMA shadow copy) are
+    ignored too. Nothing else is dropped: unknown keys of a bare file stay, so that strict
+    loading reports them.
     """
     keys = list(keys)
     prefix = next((p for p in MODEL_PREFIXES if any(k.startswith(p) for k in keys)), "")
