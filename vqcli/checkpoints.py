@@ -633,8 +633,14 @@ def _safe_torch_load(path: Path) -> Any:
     except pickle.UnpicklingError as e:
         text = str(e)
         if "Weights only load failed" in text or "GLOBAL" in text:
-            m = re.search(r"GLOBAL ([\w.]+)", text)
-            what = f"it references {m.group(1)}" if m else "it holds objects that are not plain weights"
+            found = re.search(r"GLOBAL ([\w.]+)", text)
+            opcode = re.search(r"Unsupported operand (\d+)", text)
+            if found:
+                what = f"it references {found.group(1)}"
+            elif opcode:
+                what = f"it uses pickle instruction {opcode.group(1)}, which the safe loader does not accept"
+            else:
+                what = "it holds objects that are not plain weights"
             raise FileError(
                 path,
                 f"refused: {what}, and unpickling that could run code; only tensors and plain "
