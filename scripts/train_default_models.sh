@@ -11,14 +11,14 @@ skdata=$(python -c 'import os, skimage.data; print(os.path.dirname(skimage.data.
 for f in chelsea.png hubble_deep_field.jpg retina.jpg brick.png grass.png gravel.png text.png cell.png clock_motion.png; do
   cp "$skdata/$f" runs/train-data/
 done
-common=(runs/train-data --val sample_images --steps "${STEPS:-6000}" --batch-size 16 --crop 64 --seed 0
+common=(runs/train-data --val sample_images --batch-size 16 --crop 64 --seed 0
         --checkpoint-every 250 --val-every 500 --overwrite)
 resume=()
 [ "${RESUME:-0}" = 1 ] && resume=(--resume)
-OMP_NUM_THREADS=1 vqcli train "${common[@]}" "${resume[@]}" --preset default -o "$out/default.safetensors" \
+OMP_NUM_THREADS=1 vqcli train "${common[@]}" "${resume[@]}" --preset default --steps "${KL_STEPS:-4000}" -o "$out/default.safetensors" \
   > runs/train-default.log 2>&1 &
 kl=$!
-OMP_NUM_THREADS=1 vqcli train "${common[@]}" "${resume[@]}" --preset default-vq -o "$out/default-vq.safetensors" \
+OMP_NUM_THREADS=1 vqcli train "${common[@]}" "${resume[@]}" --preset default-vq --steps "${VQ_STEPS:-3500}" -o "$out/default-vq.safetensors" \
   > runs/train-default-vq.log 2>&1 &
 vq=$!
 wait $kl
