@@ -512,15 +512,12 @@ def test_config_json_factors_name_the_preset():
 
 
 def test_embedded_model_by_name(kl, tmp_path, monkeypatch):
-    from vqcli import presets
-
-    missing = presets.EmbeddedModel("default", "test", tmp_path / "nowhere.safetensors")
-    monkeypatch.setitem(presets.EMBEDDED, "default", missing)
+    monkeypatch.setenv("VQCLI_WEIGHTS_DIR", str(tmp_path / "weights"))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileError, match="not installed"):
         load_checkpoint("default")
-    present = presets.EmbeddedModel("default", "test", write_native(tmp_path, kl))
-    monkeypatch.setitem(presets.EMBEDDED, "default", present)
+    (tmp_path / "weights").mkdir()
+    write_native(tmp_path, kl).rename(tmp_path / "weights" / "default.safetensors")
     kl.check(load_checkpoint("default"))
 
 
@@ -754,12 +751,10 @@ def test_installed_command_converts_and_reports_bad_files(kl, tmp_path):
 def test_models_command_lists_presets_and_embedded_models(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from vqcli import presets
     from vqcli.cli import app
 
-    monkeypatch.setitem(presets.EMBEDDED, "default", presets.EmbeddedModel("default", "d", tmp_path / "none.safetensors"))
-    AutoEncoder(TINY_VQ).save(tmp_path / "vq.safetensors")
-    monkeypatch.setitem(presets.EMBEDDED, "default-vq", presets.EmbeddedModel("default-vq", "v", tmp_path / "vq.safetensors"))
+    monkeypatch.setenv("VQCLI_WEIGHTS_DIR", str(tmp_path))
+    AutoEncoder(TINY_VQ).save(tmp_path / "default-vq.safetensors")  # and no default.safetensors
     result = CliRunner().invoke(app, ["models", "--json"])
     assert result.exit_code == 0, result.output
     listing = json.loads(result.stdout)

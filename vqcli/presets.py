@@ -19,10 +19,9 @@ from pathlib import Path
 
 from .autoencoder import AutoEncoderConfig
 from .errors import UsageError
+from .models import EMBEDDED_MODELS, embedded_path
 
 log = logging.getLogger(__name__)
-
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 # The Stable Diffusion VAE (kl-f8 of latent diffusion): used by SD 1.x, 2.x and XL.
 _SD_VAE = AutoEncoderConfig(kind="kl", ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=4)
@@ -139,6 +138,12 @@ def guess_preset(config: AutoEncoderConfig) -> Preset | None:
 
 
 # --- embedded models ---------------------------------------------------------------------------
+# Names and locations come from vqcli.models (one registry: VQCLI_WEIGHTS_DIR moves them all).
+
+_DESCRIPTIONS = {
+    "default": "vqcli's own KL autoencoder, f8, 16 latent channels",
+    "default-vq": "vqcli's own VQ autoencoder, f4, 1024 codes",
+}
 
 
 @dataclass(frozen=True)
@@ -147,22 +152,17 @@ class EmbeddedModel:
 
     name: str
     description: str
-    path: Path
+
+    @property
+    def path(self) -> Path:
+        return embedded_path(self.name)
 
     @property
     def installed(self) -> bool:
         return self.path.is_file()
 
 
-EMBEDDED: dict[str, EmbeddedModel] = {
-    m.name: m
-    for m in (
-        EmbeddedModel("default", "vqcli's own KL autoencoder, f8, 16 latent channels", WEIGHTS_DIR / "default.safetensors"),
-        EmbeddedModel(
-            "default-vq", "vqcli's own VQ autoencoder, f4, 1024 codes", WEIGHTS_DIR / "default-vq.safetensors"
-        ),
-    )
-}
+EMBEDDED: dict[str, EmbeddedModel] = {name: EmbeddedModel(name, _DESCRIPTIONS.get(name, "")) for name in EMBEDDED_MODELS}
 
 
 def embedded_config(model: EmbeddedModel) -> AutoEncoderConfig | None:
