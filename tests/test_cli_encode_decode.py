@@ -662,8 +662,8 @@ def test_reduced_precision_nan_is_redone_in_float32():
 
 
 def test_bfloat16_encode_is_close_to_float32(tmp_path, models, images):
-    assert cli("encode", images, "-o", tmp_path / "f32", "--model", models["kl"]).exit_code == 0
-    r = cli("encode", images, "-o", tmp_path / "bf16", "--model", models["kl"], "--dtype", "bfloat16", "--json")
+    assert cli("encode", images / "odd.png", "-o", tmp_path / "f32", "--model", models["kl"]).exit_code == 0
+    r = cli("encode", images / "odd.png", "-o", tmp_path / "bf16", "--model", models["kl"], "--dtype", "bfloat16", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["dtype"] == "bfloat16"
     a, _ = _read_latent(tmp_path / "f32" / "odd.png.safetensors")
@@ -695,3 +695,9 @@ def test_output_that_is_a_file_is_a_usage_error(tmp_path, models, images):
     (tmp_path / "file").write_text("x")
     r = cli("encode", images, "-o", tmp_path / "file", "--model", models["kl"])
     assert r.exit_code == 2 and "the output must be a folder" in r.stderr
+
+
+def test_a_file_named_twice_is_done_once(tmp_path, models, images):
+    r = cli("encode", images, images / "odd.png", "-o", tmp_path / "lat", "--model", models["kl"], "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["total"] == 5

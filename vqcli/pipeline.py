@@ -199,10 +199,12 @@ def find_jobs(
         output = output_dir.joinpath(*rel.parent.parts, name(rel.name))
         key = os.path.normcase(os.path.join(out_real, *rel.parent.parts, name(rel.name)))
         if key in claimed:
+            if _real(claimed[key]) == _real(path):
+                continue  # the same file named twice (a folder and a file in it, say): done once
             yield _failed(
                 path,
                 f"its output {output} is also the output of {claimed[key]} (the same relative path "
-                "under two inputs); encode them into separate folders",
+                "under two inputs); give them separate output folders",
                 output,
             )
             continue
