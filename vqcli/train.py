@@ -234,7 +234,17 @@ class Trainer:
             torch.save(self.state(), tmp)
 
     @classmethod
-    def resume(cls, path: Path, device: torch.device, steps: int | None = None) -> "Trainer":
+    def resume(
+        cls,
+        path: Path,
+        device: torch.device,
+        *,
+        steps: int | None = None,
+        crop: int | None = None,
+        batch_size: int | None = None,
+    ) -> "Trainer":
+        """Continue from a checkpoint, optionally with a new total of steps or new crops (for
+        example larger crops late in training); None keeps what the checkpoint says."""
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is one clear message
@@ -243,8 +253,8 @@ class Trainer:
             raise FileError(path, "not a vqcli training checkpoint")
         config = AutoEncoderConfig.from_dict(json.loads(state["config"]))
         opts = TrainOptions(**json.loads(state["options"]))
-        if steps is not None:
-            opts = dataclasses.replace(opts, steps=steps)
+        changes = dict(steps=steps, crop=crop, batch_size=batch_size)
+        opts = dataclasses.replace(opts, **{k: v for k, v in changes.items() if v is not None})
         trainer = cls(config, opts, device)
         trainer.model.load_state_dict(state["model"])
         trainer.ema.load_state_dict(state["ema"])
@@ -334,27 +344,38 @@ def train(
     val: Sequence[Path] = (),
     checkpoint: Path | None = None,
     resume: bool = False,
+    resume_changes: dict | None = None,
+    until: int | None = None,
     on_progress: Callable[[Progress], None] | None = None,
-) -> AutoEncoder:
-    """Train and save the EMA model to ``output``; checkpoints go to ``checkpoint`` (resumable)."""
+) -> AutoEncoder | None:
+    """Train and save the EMA model to ``output``; checkpoints go to ``checkpoint`` (resumable).
+
+    With ``resume`` the run continues from ``checkpoint`` with its own options, except those in
+    ``resume_changes`` (``steps``, ``crop``, ``batch_size``; by default ``opts.steps``).
+    With ``until`` the run stops after that step, leaving only the checkpoint (returns None): a
+    recipe in phases is a series of such runs.
+    """
     checkpoint = checkpoint or output.with_name(output.name + ".ckpt")
     if resume:
         if not checkpoint.exists():
             raise UsageError(f"--resume: no checkpoint at {checkpoint}")
-        trainer = Trainer.resume(checkpoint, device, steps=opts.steps)
+        trainer = Trainer.resume(checkpoint, device, **(resume_changes or {"steps": opts.steps}))
     else:
         trainer = Trainer(config, opts, device)
     bank = ImageBank(data)
     val_images = [load_image(p) for p in val]
     opts = trainer.opts
-    while trainer.step < opts.steps:
+    last_step = opts.steps if until is None else min(until, opts.steps)
+    while trainer.step < last_step:
         progress = trainer.train_step(bank)
         if val_images and (trainer.step % opts.val_every == 0 or trainer.step == opts.steps):
             progress.val_psnr = validate(trainer.ema, val_images)
-        if trainer.step % opts.checkpoint_every == 0 or trainer.step == opts.steps:
+        if trainer.step % opts.checkpoint_every == 0 or trainer.step == last_step:
             trainer.save_checkpoint(checkpoint)
         if on_progress is not None:
             on_progress(progress)
+    if trainer.step < opts.steps:
+        return None
     model = trainer.finished_model(bank)
     model.save(output)
     return model

@@ -39,13 +39,16 @@ def train(
     z_channels: Optional[int] = typer.Option(None, "--z-channels", min=1),
     codebook_size: Optional[int] = typer.Option(None, "--codebook-size", min=2, help="VQ codebook entries."),
     steps: int = typer.Option(4000, min=1, help="Optimizer steps."),
-    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Crops per step."),
-    crop: int = typer.Option(64, min=8, help="Crop side in pixels."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Crops per step [default: 16]."),
+    crop: Optional[int] = typer.Option(None, min=8, help="Crop side in pixels [default: 64]."),
     lr: float = typer.Option(4e-4, help="Peak learning rate (warm-up, then cosine decay)."),
     seed: int = typer.Option(0, help="Random seed: the same seed and options give the same model."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
     bf16: Optional[bool] = typer.Option(
         None, "--bf16/--no-bf16", help="bfloat16 autocast (default: on for CUDA and for CPUs with native bf16)."
+    ),
+    until: Optional[int] = typer.Option(
+        None, "--until", min=1, help="Stop after this step, leaving the checkpoint to --resume from (phased recipes)."
     ),
     checkpoint_every: int = typer.Option(250, "--checkpoint-every", min=1),
     val_every: int = typer.Option(500, "--val-every", min=1),
@@ -98,8 +101,8 @@ def train(
     use_bf16 = bf16 if bf16 is not None else (torch_device.type == "cuda" or (torch_device.type == "cpu" and cpu_has_native_bf16()))
     opts = TrainOptions(
         steps=steps,
-        batch_size=batch_size,
-        crop=crop,
+        batch_size=batch_size or TrainOptions.batch_size,
+        crop=crop or TrainOptions.crop,
         lr=lr,
         seed=seed,
         bf16=use_bf16,
@@ -152,8 +155,12 @@ def train(
                 )
 
         model = run_training(
-            files, output, config, opts, device=torch_device, val=val_files, resume=resume, on_progress=on_progress
+            files, output, config, opts, device=torch_device, val=val_files,
+            resume=resume, resume_changes=dict(steps=steps, crop=crop, batch_size=batch_size), until=until, on_progress=on_progress
         )
+    if model is None:
+        err_console.print(f"stopped after step {last.get('step')}; continue with --resume")
+        return
     summary = {
         "output": str(output),
         "config": model.config.to_dict(),
