@@ -101,3 +101,24 @@ def test_table_and_failures(files, tmp_path):
     r = runner.invoke(app, ["info", str(tmp_path / "nope.safetensors"), "--json"])
     assert r.exit_code == 1
     assert json.loads(r.stdout) == {"files": [], "failures": [{"path": str(tmp_path / "nope.safetensors"), "reason": "no such file"}]}
+
+
+def test_half_precision_and_foreign_weights_agree_with_their_latents(tmp_path):
+    """A float16 weights file and the same weights in the original ldm layout (no vqcli metadata):
+    both encode, and info reports for each the identity its latent files record."""
+    torch.manual_seed(3)
+    model = AutoEncoder(KL)
+    model.half().save(tmp_path / "half.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "bare.safetensors"))
+    Image.fromarray(np.full((8, 12, 3), 128, dtype=np.uint8)).save(tmp_path / "img.png")
+    for name in ("half", "bare"):
+        weights = tmp_path / f"{name}.safetensors"
+        r = runner.invoke(app, ["encode", str(tmp_path / "img.png"), "-o", str(tmp_path / name), "--model", str(weights), "--json"])
+        assert r.exit_code == 0, r.output
+        latent_sha = json.loads(r.stdout)["model"]["sha256"]
+        r = runner.invoke(app, ["info", str(weights), str(tmp_path / name / "img.png.safetensors"), "--json"])
+        assert r.exit_code == 0, r.output
+        weights_info, latent_info = json.loads(r.stdout)["files"]
+        assert weights_info["model"]["sha256"] == latent_info["model_sha256"] == latent_sha
+        assert weights_info["dtypes"] == {"float16": len(model.state_dict())}  # as stored
+    assert weights_info["type"] == "checkpoint" and weights_info["format"] == "original"

@@ -58,16 +58,21 @@ def _latent(path: Path) -> dict:
 
 def _weights(path: Path) -> dict:
     from .autoencoder import AutoEncoder, load_strict
+    from .models import load_model_file
     from .native import read_native
 
     config, state = read_native(path)
-    model = AutoEncoder(config)
-    load_strict(model, state, path)
-    return _model_info(path, "weights", model, state)
+    load_strict(AutoEncoder(config), state, path)  # refused here if the weights do not fit their config
+    return _model_info(path, "weights", load_model_file(path), _dtypes(state))
 
 
-def _model_info(path: Path, kind: str, model, state: dict | None = None) -> dict:
-    state = state if state is not None else model.state_dict()
+def _dtypes(state: dict) -> dict[str, int]:
+    return dict(Counter(str(t.dtype).removeprefix("torch.") for t in state.values()))
+
+
+def _model_info(path: Path, kind: str, model, stored_dtypes: dict[str, int] | None = None) -> dict:
+    """``stored_dtypes``: the dtypes in the file (the model itself holds float32 weights)."""
+    state = model.state_dict()
     c = model.config
     return {
         "file": str(path),
@@ -77,24 +82,29 @@ def _model_info(path: Path, kind: str, model, state: dict | None = None) -> dict
         "downsampling": c.downsampling,
         "latent_channels": c.latent_channels,
         "parameters": int(sum(t.numel() for t in state.values())),
-        "dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in state.values())),
+        "dtypes": stored_dtypes if stored_dtypes is not None else _dtypes(state),
         "tensors": len(state),
     }
 
 
 def _checkpoint(path: Path, tensors: dict | None) -> dict:
     """A foreign checkpoint, through ``vqcli.checkpoints`` when it is installed."""
-    from .models import checkpoints_module
+    from .models import checkpoints_module, load_model_file
 
-    checkpoints = checkpoints_module()
-    if checkpoints is None:
+    if checkpoints_module() is None:
         what = "a folder" if path.is_dir() else "not a safetensors file"
         raise FileError(path, f"{what}; this vqcli reads only safetensors files (no checkpoint readers installed)")
+    checkpoints = checkpoints_module()
     try:
-        model = checkpoints.load_checkpoint(path)
+        model = load_model_file(path)
+        ckpt = checkpoints.read_checkpoint(path) if hasattr(checkpoints, "read_checkpoint") else None
     except VqcliError as e:
         raise FileError(path, str(e.reason if isinstance(e, FileError) else e)) from None
-    return _model_info(path, "checkpoint", model)
+    info = _model_info(path, "checkpoint", model, _dtypes(ckpt.state) if ckpt is not None else None)
+    if ckpt is not None:
+        info["format"] = ckpt.format
+        info["ignored_keys"] = ckpt.ignored
+    return info
 
 
 def _tensor_listing(header_tensors: dict) -> dict:

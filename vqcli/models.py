@@ -88,26 +88,36 @@ def resolve_model(
     elif not ref.path.exists():
         known = ", ".join(EMBEDDED_MODELS)
         raise UsageError(f"--model {spec!r}: no such file, and not an embedded model ({known})")
-    model = _load(ref.path, preset=preset, scale_factor=scale_factor, shift_factor=shift_factor)
-    _cache_identity(model, ref.path)
+    model = load_model_file(ref.path, preset=preset, scale_factor=scale_factor, shift_factor=shift_factor)
     if ref.embedded and model.config.name != spec:
         model.config = model.config.replace(name=spec)
     device = torch.device(device)
     return prepare_model(model, device, dtype)
 
 
-def _load(path: Path, *, preset, scale_factor, shift_factor) -> AutoEncoder:
+def load_model_file(
+    path: Path, *, preset: str | None = None, scale_factor: float | None = None, shift_factor: float | None = None
+) -> AutoEncoder:
+    """The model in a weights file or folder, on the CPU in eval mode, with float32 weights.
+
+    Weights stored in half precision are converted (losslessly): vqcli computes with float32
+    weights and gets reduced precision from autocast. The model's identity is that of these
+    float32 weights, so latent files and ``vqcli info`` agree whatever the file stored.
+    """
     checkpoints = checkpoints_module()
     if checkpoints is not None:
-        return checkpoints.load_checkpoint(
-            path, preset=preset, scale_factor=scale_factor, shift_factor=shift_factor, dtype=None
+        model = checkpoints.load_checkpoint(
+            path, preset=preset, scale_factor=scale_factor, shift_factor=shift_factor, dtype=torch.float32
         )
-    if preset is not None:
-        raise UsageError("--preset needs the checkpoint readers (vqcli.checkpoints), which are not installed")
-    if path.is_dir():
-        raise FileError(path, "is a folder; this vqcli reads only its own .safetensors weights files")
-    model = AutoEncoder.load(path)
-    return with_factors(model, scale_factor, shift_factor)
+    else:
+        if preset is not None:
+            raise UsageError("--preset needs the checkpoint readers (vqcli.checkpoints), which are not installed")
+        if path.is_dir():
+            raise FileError(path, "is a folder; this vqcli reads only its own .safetensors weights files")
+        model = with_factors(AutoEncoder.load(path).float(), scale_factor, shift_factor)
+    model.eval()
+    _cache_identity(model, path)
+    return model
 
 
 def checkpoints_module():
@@ -121,6 +131,8 @@ def checkpoints_module():
 
 
 def _cache_identity(model: AutoEncoder, path: Path) -> None:
+    if path.is_dir():
+        return  # a folder's time stamp does not change when a file in it is replaced
     try:
         st = path.stat()
         key = (str(path.resolve()), st.st_size, st.st_mtime_ns)

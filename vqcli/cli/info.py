@@ -27,7 +27,7 @@ HELP = help_text(
 # The fields shown, in order, for people; --json has everything.
 _LATENT_ROWS = ("type", "source", "size", "padded", "model", "model_sha256", "kind", "representation", "scaled",
                 "scale_factor", "shift_factor", "seed", "tensor", "stats", "config")
-_MODEL_ROWS = ("type", "model", "config", "downsampling", "latent_channels", "parameters", "tensors", "dtypes")
+_MODEL_ROWS = ("type", "format", "ignored_keys", "model", "config", "downsampling", "latent_channels", "parameters", "tensors", "dtypes")
 
 
 @app.command(
