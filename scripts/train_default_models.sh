@@ -31,9 +31,9 @@ recipe() {
   if [ "$from" -le 2 ]; then "${run[@]}" --resume --steps "$p2_total" --until "$p2_until"; fi
   "${run[@]}" --resume --crop 128 --batch-size 8 --steps "$p3_total"
 }
-recipe default 6000 1000 4000 3250 4750 > runs/train-default.log 2>&1 &
+recipe default 6000 1000 4000 3250 4500 > runs/train-default.log 2>&1 &
 kl=$!
-recipe default-vq 6000 750 3500 2750 4250 > runs/train-default-vq.log 2>&1 &
+recipe default-vq 6000 750 3500 2750 4000 > runs/train-default-vq.log 2>&1 &
 vq=$!
 wait $kl
 wait $vq

@@ -1,0 +1,97 @@
+"""`vqcli roundtrip` and the quality metrics, against independent computations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage.metrics import structural_similarity
+from typer.testing import CliRunner
+
+from vqcli import AutoEncoder, AutoEncoderConfig
+from vqcli.cli import app
+from vqcli.images import load_image
+from vqcli.metrics import psnr, ssim
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_images"
+
+
+def _skimage_ssim(a: np.ndarray, b: np.ndarray, data_range: float) -> float:
+    return structural_similarity(
+        a, b, channel_axis=2, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=data_range
+    )
+
+
+@pytest.mark.parametrize("name", ["coffee.png", "camera.png"])
+@pytest.mark.parametrize("noise", [0.01, 0.1])
+def test_ssim_and_psnr_agree_with_references_on_photographs(name, noise):
+    a = load_image(SAMPLES / name)
+    rng = np.random.default_rng(0)
+    b = np.clip(a + rng.normal(0.0, noise, a.shape), 0.0, 1.0).astype(np.float32)
+    assert ssim(a, b) == pytest.approx(_skimage_ssim(a, b, 1.0), abs=1e-5)  # skimage works in float32
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    assert psnr(a, b) == pytest.approx(10 * np.log10(1.0 / mse), abs=1e-9)
+
+
+def test_metrics_extremes():
+    a = load_image(SAMPLES / "rocket.jpg")
+    assert psnr(a, a) == float("inf")
+    assert ssim(a, a) == pytest.approx(1.0)
+    inverted = 1.0 - a  # anti-correlated structure: low, and still what the reference says
+    assert ssim(a, inverted) < 0.5
+    assert ssim(a, inverted) == pytest.approx(_skimage_ssim(a, inverted, 1.0), abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    import torch
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    AutoEncoder(AutoEncoderConfig(kind="kl", ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, name="tiny")).save(path)
+    return path
+
+
+def test_roundtrip_reports_metrics_that_match_its_pictures(tmp_path, model_file):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(1)
+    for name, (h, w) in {"a.png": (37, 50), "b.png": (64, 64)}.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(inputs / name)
+    (inputs / "notes.txt").write_text("not an image")
+    result = CliRunner().invoke(app, ["roundtrip", str(inputs), "-o", str(tmp_path / "out"), "--model", str(model_file), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["done"] == 2 and summary["failed"] == 0
+    by_name = {Path(i["path"]).name: i for i in summary["images"]}
+    assert set(by_name) == {"a.png", "b.png"}
+    for name, entry in by_name.items():
+        original = np.asarray(Image.open(inputs / name).convert("RGB"))
+        h, w = original.shape[:2]
+        panel = np.asarray(Image.open(tmp_path / "out" / f"{name}.roundtrip.png").convert("RGB"))
+        assert panel.shape == (h, 3 * w, 3)
+        assert np.array_equal(panel[:, :w], original)
+        reconstruction = panel[:, w : 2 * w].astype(np.float64)
+        errors = panel[:, 2 * w :].astype(np.float64)
+        expected_errors = np.clip(np.abs(original - reconstruction) * 4, 0, 255)
+        assert np.abs(errors - expected_errors).max() <= 1.0
+        mse = np.mean((original.astype(np.float64) - reconstruction) ** 2)
+        assert entry["psnr"] == pytest.approx(10 * np.log10(255.0**2 / mse), abs=0.01)
+        assert entry["ssim"] == pytest.approx(_skimage_ssim(original.astype(np.float64), reconstruction, 255.0), abs=1e-4)
+    mean = np.mean([i["psnr"] for i in summary["images"]])
+    assert summary["mean"]["psnr"] == pytest.approx(mean, abs=0.01)
+
+
+def test_roundtrip_names_a_broken_file_and_goes_on(tmp_path, model_file):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(inputs / "good.png")
+    (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    result = CliRunner().invoke(app, ["roundtrip", str(inputs), "-o", str(tmp_path / "out"), "--model", str(model_file)])
+    assert result.exit_code == 1
+    assert "broken.png" in result.stderr and "good.png" in result.stdout
+    assert (tmp_path / "out" / "good.png.roundtrip.png").exists()
+    assert not (tmp_path / "out" / "broken.png.roundtrip.png").exists()
