@@ -123,3 +123,34 @@ def test_tiled_decode_really_uses_less_memory():
     untiled, tiled = growth("untiled"), growth("tiled")
     one_map_mb = 64 * 1024 * 1024 * 4 / 2**20  # 64 channels at 1024x1024, float32
     assert tiled < untiled - one_map_mb, (tiled, untiled)
+
+
+def test_cli_max_memory_gives_the_same_latents_and_images(tmp_path):
+    """`--max-memory` small enough to tile every layer changes nothing but the memory."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from vqcli.cli import app
+
+    model = tmp_path / "m.safetensors"
+    _randomised(KL).save(model)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (72, 100, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    runner = CliRunner()
+    for name, extra in (("whole", []), ("tiled", ["--max-memory", "64KB"])):
+        for args in (
+            ["encode", str(tmp_path / "a.png"), "-o", str(tmp_path / f"lat-{name}")],
+            ["decode", str(tmp_path / f"lat-{name}"), "-o", str(tmp_path / f"rec-{name}")],
+        ):
+            result = runner.invoke(app, [*args, "--model", str(model), *extra])
+            assert result.exit_code == 0, result.output
+    whole = load_file(tmp_path / "lat-whole" / "a.png.safetensors")["latent"]
+    tiled = load_file(tmp_path / "lat-tiled" / "a.png.safetensors")["latent"]
+    assert (whole - tiled).abs().max().item() <= 1e-4
+    a = np.asarray(Image.open(tmp_path / "rec-whole" / "a.png"), dtype=np.int16)
+    b = np.asarray(Image.open(tmp_path / "rec-tiled" / "a.png"), dtype=np.int16)
+    assert np.abs(a - b).max() <= 1  # 8-bit rounding of equal floats at most one level apart
+
+    bad = runner.invoke(app, ["decode", str(tmp_path / "lat-whole"), "-o", str(tmp_path / "x"), "--model", str(model), "--max-memory", "lots"])
+    assert bad.exit_code == 2 and "--max-memory" in bad.stderr

@@ -82,9 +82,21 @@ def prepare_model(model: torch.nn.Module, device: torch.device, dtype: torch.dty
     return model.to(device=device).eval().to(memory_format=memory_format_for(dtype))
 
 
-def compute_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """Inference mode, the allocator setting and autocast for ``dtype``, as one context."""
+def compute_context(
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    model: torch.nn.Module | None = None,
+    budget: int | None = None,
+) -> contextlib.AbstractContextManager:
+    """Inference mode, the allocator setting and autocast for ``dtype``, as one context; with
+    ``model``, also its memory bound (``budget`` bytes, default ``tiling.default_budget()``: large
+    images are computed in tiles, with the untiled result)."""
+    from .tiling import bounded_memory, default_budget
+
     stack = contextlib.ExitStack()
+    if model is not None:
+        stack.enter_context(bounded_memory(model, budget or default_budget()))
     stack.enter_context(torch.inference_mode())
     if device.type == "cpu":
         stack.enter_context(fast_allocator())

@@ -2,7 +2,7 @@
 
 ``encode_files`` and ``decode_files`` are generators of ``FileResult``. Each is a chain of small
 stages, each one function, so that each can be replaced on its own (tiling for large images in
-``compute``, loading in worker threads in place of ``_prepare_stage``, a share of the inputs per
+``compute``, loading in worker threads in place of ``each_job``, a share of the inputs per
 process in front of ``find_jobs``):
 
     find_jobs          walk the inputs (streaming), name each output, refuse collisions
@@ -301,22 +301,26 @@ def batched(
 
 
 def compute(
-    batch: list[Item], fn: Callable[[AutoEncoder, torch.Tensor], torch.Tensor], dtype: torch.dtype
+    batch: list[Item],
+    fn: Callable[[AutoEncoder, torch.Tensor], torch.Tensor],
+    dtype: torch.dtype,
+    budget: int | None = None,
 ) -> list[tuple[Item, torch.Tensor | FileError, bool]]:
     """Run ``fn(model, inputs)`` over a batch: ``(item, output or error, redone in float32)`` each.
 
     A batch that fails as a whole (out of memory, say) is retried one item at a time, so that only
     the items that fail on their own are reported. A floating output with NaN or Inf values is
-    redone in float32 when ``dtype`` is reduced precision, and an error otherwise.
+    redone in float32 when ``dtype`` is reduced precision, and an error otherwise. ``budget``
+    bounds the memory of one layer's work (see ``vqcli.tiling``; None: from the free memory).
     """
     model = batch[0].model
     device = next(model.parameters()).device
     try:
-        out = _run(model, fn, torch.cat([item.data for item in batch]), device, dtype)
+        out = _run(model, fn, torch.cat([item.data for item in batch]), device, dtype, budget)
     except RuntimeError as e:
         if len(batch) > 1:
             log.debug("batch of %d failed (%s); retrying one by one", len(batch), e)
-            return [r for item in batch for r in compute([item], fn, dtype)]
+            return [r for item in batch for r in compute([item], fn, dtype, budget)]
         log.debug("model failed on %s", batch[0].job.input, exc_info=True)
         return [(batch[0], FileError(batch[0].job.input, f"model failed ({_first_line(e)})"), False)]
     results = []
@@ -326,7 +330,7 @@ def compute(
         if y.is_floating_point() and not bool(torch.isfinite(y).all()):
             if dtype != torch.float32:
                 try:
-                    y = _run(model, fn, item.data, device, torch.float32)
+                    y = _run(model, fn, item.data, device, torch.float32, budget)
                 except RuntimeError as e:
                     results.append((item, FileError(item.job.input, f"model failed ({_first_line(e)})"), False))
                     continue
@@ -338,11 +342,11 @@ def compute(
     return results
 
 
-def _run(model, fn, x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _run(model, fn, x: torch.Tensor, device: torch.device, dtype: torch.dtype, budget: int | None = None) -> torch.Tensor:
     x = x.to(device)
     if x.dim() == 4 and x.is_floating_point():
         x = x.contiguous(memory_format=memory_format_for(dtype))
-    with compute_context(device, dtype):
+    with compute_context(device, dtype, model=model, budget=budget):
         y = fn(model, x)
     return y.detach().to("cpu")
 
@@ -363,6 +367,7 @@ class EncodeOptions:
     scaled: bool = False  # KL: write diffusion-ready (z - shift) * scale
     overwrite: bool = False
     max_pixels: int | None = DEFAULT_MAX_PIXELS
+    max_memory: int | None = None  # bytes for one layer's work; None: from the free memory
 
 
 def encode_files(
@@ -381,7 +386,7 @@ def encode_files(
     check_encode_options(model, options)
     check_inputs(inputs, output_dir)
     seed = options.seed if options.seed is not None else (secrets.randbits(62) if options.sample else None)
-    stream = _prepare_stage(
+    stream = each_job(
         image_jobs(inputs, output_dir),
         lambda job: prepare_image(job, model, max_pixels=options.max_pixels),
         overwrite=options.overwrite,
@@ -399,7 +404,7 @@ def encode_files(
             fn = _encode_fn(model.config.kind, sample=True, scaled=options.scaled, seed=image_seed)
         else:
             fn = _encode_fn(model.config.kind, sample=False, scaled=options.scaled, seed=None)
-        for item, out, redone in compute(batch, fn, dtype):
+        for item, out, redone in compute(batch, fn, dtype, options.max_memory):
             yield _finish_encode(item, out, redone, ref, options)
 
 
@@ -416,7 +421,9 @@ def derive_seed(seed: int, rel: PurePosixPath) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def _prepare_stage(jobs, prepare: Callable[[Job], Item], *, overwrite: bool, ours) -> Iterator[Item | FileResult]:
+def each_job(jobs, prepare: Callable[[Job], Any], *, overwrite: bool, ours) -> Iterator[Any]:
+    """``prepare(job)`` for each job whose output is not in the way; failed or skipped results
+    pass through, and a ``FileError`` becomes that job's failed result."""
     for job in jobs:
         if isinstance(job, FileResult):
             yield job
@@ -493,6 +500,7 @@ class DecodeOptions:
     fmt: str = "png"
     quality: int = 95
     overwrite: bool = False
+    max_memory: int | None = None  # bytes for one layer's work; None: from the free memory
 
 
 class ModelChooser:
@@ -556,7 +564,7 @@ def decode_files(
         raise UsageError("--batch-size must be at least 1")
     decoded_name("x", options.fmt)  # validates the format
     check_inputs(inputs, output_dir)
-    stream = _prepare_stage(
+    stream = each_job(
         latent_jobs(inputs, output_dir, options.fmt),
         lambda job: prepare_latent(job, models),
         overwrite=options.overwrite,
@@ -567,7 +575,7 @@ def decode_files(
             yield batch
             continue
         fn = _decode_fn(batch[0].info["kind"], batch[0].info["scaled"])
-        for item, out, redone in compute(batch, fn, dtype):
+        for item, out, redone in compute(batch, fn, dtype, options.max_memory):
             yield _finish_decode(item, out, redone, options)
 
 

@@ -15,10 +15,9 @@ import numpy as np
 import torch
 
 from .autoencoder import AutoEncoder
-from .errors import FileError
 from .images import DEFAULT_MAX_PIXELS, is_image_path, load_image, save_image, to_uint8, written_by_vqcli
 from .metrics import error_map, psnr, ssim
-from .pipeline import DONE, FileResult, Job, _from_error, check_existing, decode_array, encode_array, find_jobs
+from .pipeline import DONE, FileResult, Job, decode_array, each_job, encode_array, find_jobs
 
 SUFFIX = ".roundtrip.png"
 ERROR_GAIN = 4.0
@@ -51,18 +50,10 @@ def roundtrip_files(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> Iterator[FileResult]:
     """One result per image; side-by-side pictures under ``output_dir`` mirroring the inputs."""
-    for job in find_jobs(paths, output_dir, accept=is_image_path, name=roundtrip_name):
-        if isinstance(job, FileResult):
-            yield job
-            continue
-        blocked = check_existing(job, overwrite=overwrite, ours=written_by_vqcli)
-        if blocked is not None:
-            yield blocked
-            continue
-        try:
-            yield _one(job, model, dtype, overwrite, max_pixels)
-        except FileError as e:
-            yield _from_error(job, e)
+    jobs = find_jobs(paths, output_dir, accept=is_image_path, name=roundtrip_name)
+    yield from each_job(
+        jobs, lambda job: _one(job, model, dtype, overwrite, max_pixels), overwrite=overwrite, ours=written_by_vqcli
+    )
 
 
 def _one(job: Job, model: AutoEncoder, dtype: torch.dtype, overwrite: bool, max_pixels: int | None) -> FileResult:

@@ -45,6 +45,29 @@ PresetOpt = Annotated[
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace outputs that exist (vqcli's own only).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary; failures only.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON summary object on stdout.")]
+MaxMemoryOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--max-memory",
+        help="Memory for one layer's work, e.g. 4GB (default: a quarter of the free memory). Larger images "
+        "are computed in tiles, with the same result.",
+    ),
+]
+
+
+def parse_max_memory(text: str | None) -> int | None:
+    """--max-memory to bytes (a ``UsageError`` for a value that is not a size)."""
+    from ..errors import UsageError
+    from ..tiling import parse_size
+
+    if text is None:
+        return None
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise UsageError(f"--max-memory: {e}") from None
+
+
 MaxPixelsOpt = Annotated[
     int,
     typer.Option(

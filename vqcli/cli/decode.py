@@ -13,6 +13,7 @@ from .common import (
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
+    MaxMemoryOpt,
     OptionalModelOpt,
     OverwriteOpt,
     PresetOpt,
@@ -20,6 +21,7 @@ from .common import (
     RunReport,
     epilog,
     help_text,
+    parse_max_memory,
     run_report,
     setup_device,
 )
@@ -60,6 +62,7 @@ def decode(
     fmt: Annotated[str, typer.Option("--format", "-f", help="Image format: png, jpg or webp.")] = "png",
     quality: Annotated[int, typer.Option("--quality", min=1, max=100, help="jpg and webp quality.")] = 95,
     preset: PresetOpt = None,
+    max_memory: MaxMemoryOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
@@ -80,7 +83,9 @@ def decode(
     else:
         chooser = ModelChooser(device=torch_device, dtype=torch_dtype)
         model_info = None
-    options = DecodeOptions(batch_size=batch_size, fmt=fmt, quality=quality, overwrite=overwrite)
+    options = DecodeOptions(
+        batch_size=batch_size, fmt=fmt, quality=quality, overwrite=overwrite, max_memory=parse_max_memory(max_memory)
+    )
     results = decode_files(inputs, output, chooser, dtype=torch_dtype, options=options)
     extra = {"output": str(output), "model": model_info, "device": str(torch_device), "dtype": dtype, "format": fmt}
     report = RunReport(

@@ -14,6 +14,7 @@ from .common import (
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
+    MaxMemoryOpt,
     MaxPixelsOpt,
     ModelOpt,
     OverwriteOpt,
@@ -22,6 +23,7 @@ from .common import (
     RunReport,
     epilog,
     help_text,
+    parse_max_memory,
     run_report,
     setup_device,
 )
@@ -72,6 +74,7 @@ def encode(
     shift_factor: Annotated[Optional[float], typer.Option("--shift-factor", help="Override the model's latent shift factor.")] = None,
     preset: PresetOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    max_memory: MaxMemoryOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
@@ -93,6 +96,7 @@ def encode(
         scaled=scaled,
         overwrite=overwrite,
         max_pixels=max_pixels or None,
+        max_memory=parse_max_memory(max_memory),
     )
     results = encode_files(inputs, output, ae, ref, dtype=torch_dtype, options=options)
     extra = {
