@@ -600,7 +600,9 @@ def test_killed_run_leaves_only_complete_files_and_resumes(tmp_path, models):
 
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_with_exit_130(tmp_path, models):
-    _many_images(tmp_path / "in", 24)
+    # Enough images that the run cannot finish between the second output and the signal (with 24
+    # tiny images it sometimes did, on an idle machine).
+    _many_images(tmp_path / "in", 400)
     out = tmp_path / "lat"
     proc = subprocess.Popen(
         [VQCLI, "encode", tmp_path / "in", "-o", out, "--model", models["kl"], "--json"],
