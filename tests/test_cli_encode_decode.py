@@ -610,6 +610,9 @@ def test_ctrl_c_stops_cleanly_with_exit_130(tmp_path, models):
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
+        # As in a terminal: a background job of a non-interactive shell (CI) starts with SIGINT
+        # ignored, and Python then never raises KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 120
     while time.time() < deadline and len(list(out.glob("*.png.safetensors"))) < 2:
