@@ -49,7 +49,7 @@ from .autoencoder import FORMAT as NATIVE_FORMAT
 from .autoencoder import AutoEncoder, AutoEncoderConfig, load_strict
 from .devices import DTYPES
 from .errors import ConfigError, FileError, UsageError
-from .fileio import TMP_PREFIX
+from .fileio import TMP_PREFIX, current_umask
 from .layouts import DIFFUSERS, detect_layout, select_autoencoder, to_diffusers, to_original
 from .native import read_native, read_safetensors_header
 from .presets import EMBEDDED, architecture_key, attention_levels, get_preset, guess_preset, preset_with_factors
@@ -819,7 +819,7 @@ def save_diffusers(model: AutoEncoder, folder: str | os.PathLike, *, overwrite: 
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=final.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())
         save_file(tensors, str(tmp / DIFFUSERS_WEIGHTS[0]), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         for name in (DIFFUSERS_WEIGHTS[0], "config.json"):
@@ -848,12 +848,6 @@ def _check_replaceable(final: Path, overwrite: bool) -> None:
     others = [p.name for p in final.iterdir() if p.name != "config.json" and not p.name.startswith("diffusion_pytorch_model")]
     if others:
         raise FileError(final, f"holds other files ({', '.join(sorted(others)[:4])}); not replacing it")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def convert_checkpoint(

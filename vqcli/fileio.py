@@ -27,7 +27,7 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
     try:
         yield tmp
         # mkstemp makes 0600, and some writers (safetensors) replace the file: set the usual mode last
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         if overwrite:
@@ -41,7 +41,8 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
         raise
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (reading it means setting it; it is put straight back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
