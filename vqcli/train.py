@@ -34,7 +34,7 @@ from .autoencoder import AutoEncoder, AutoEncoderConfig
 from .errors import FileError, UsageError
 from .fileio import atomic_path
 from .images import load_image
-from .padding import from_model_output, pad_to_multiple, to_model_input
+from . import metrics
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _param_groups(model: AutoEncoder, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         (decay if p.ndim == 4 else no_decay).append(p)  # conv kernels decay; norms, biases, codebook do not
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -185,14 +185,13 @@ def _update_ema(ema: AutoEncoder, model: AutoEncoder, step: int, decay: float) -
 @torch.no_grad()
 def validate(model: AutoEncoder, images: Sequence[np.ndarray]) -> float:
     """Mean PSNR (dB, on [0, 1]) of full-image reconstructions, mode latents, fp32."""
+    from .pipeline import decode_array, encode_array  # the CLI's own path, padding and cropping
+
     model.eval()
     values = []
     for rgb in images:
-        height, width = rgb.shape[:2]
-        x = pad_to_multiple(to_model_input(rgb), model.config.downsampling)
-        out = from_model_output(model.decode(model.encode(x))[0], height, width)
-        mse = float(np.mean((out.astype(np.float64) - rgb.astype(np.float64)) ** 2))
-        values.append(float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse))
+        out = decode_array(model, encode_array(model, rgb), rgb.shape[0], rgb.shape[1])
+        values.append(metrics.psnr(rgb, out))
     return float(np.mean(values))
 
 
