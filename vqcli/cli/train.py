@@ -64,6 +64,7 @@ def train(
     --checkpoint-every steps, resumable with --resume.
     """
     from ..autoencoder import AutoEncoderConfig
+    from ..errors import ConfigError
     from ..devices import cpu_has_native_bf16, resolve_device
     from ..train import TRAIN_PRESETS, TrainOptions, image_files
     from ..train import train as run_training
@@ -95,7 +96,10 @@ def train(
         changes.setdefault("embed_dim", changes.get("z_channels", base.z_channels))
         changes["double_z"] = None
         changes["name"] = output.stem
-    config = AutoEncoderConfig(**{**base.to_dict(), **changes})
+    try:
+        config = AutoEncoderConfig(**{**base.to_dict(), **changes})
+    except ConfigError as e:  # options that make no model are a usage error
+        raise fail(str(e)) from None
 
     torch_device = resolve_device(device)
     use_bf16 = bf16 if bf16 is not None else (torch_device.type == "cuda" or (torch_device.type == "cpu" and cpu_has_native_bf16()))

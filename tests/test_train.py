@@ -1,0 +1,96 @@
+"""`vqcli train`: it learns, writes a loadable model, resumes from its checkpoint, refuses bad options."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from vqcli import AutoEncoder, AutoEncoderConfig
+from vqcli.cli import app
+from vqcli.train import Trainer, TrainOptions, learning_rate
+
+TINY = ["--ch", "32", "--ch-mult", "1,2", "--num-res-blocks", "1", "--z-channels", "4", "--crop", "16",
+        "--batch-size", "4", "--no-bf16", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    rgb = np.asarray(Image.open(Path(__file__).resolve().parents[1] / "sample_images" / "coffee.png").convert("RGB"))
+    for i, (y, x) in enumerate([(0, 0), (150, 200), (300, 400)]):
+        Image.fromarray(rgb[y : y + 64, x : x + 64]).save(folder / f"p{i}.png")
+    return folder
+
+
+def test_training_lowers_the_loss(photos):
+    from vqcli.train import ImageBank
+
+    config = AutoEncoderConfig(kind="kl", ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4)
+    trainer = Trainer(config, TrainOptions(steps=60, batch_size=4, crop=16, warmup=5), torch.device("cpu"))
+    bank = ImageBank(sorted(photos.iterdir()))
+    losses = [trainer.train_step(bank).loss for _ in range(60)]
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10]), losses
+
+
+def test_learning_rate_warms_up_then_decays():
+    opts = TrainOptions(steps=100, warmup=10, lr=1e-3, min_lr_ratio=0.1)
+    assert learning_rate(0, opts) == pytest.approx(1e-4)
+    assert learning_rate(9, opts) == pytest.approx(1e-3)
+    assert learning_rate(99, opts) == pytest.approx(1e-4, rel=0.01)
+    assert learning_rate(50, opts) < learning_rate(20, opts)
+
+
+def test_cli_trains_writes_a_loadable_model_and_resumes(photos, tmp_path):
+    out = tmp_path / "m.safetensors"
+    runner = CliRunner()
+    r = runner.invoke(app, ["train", str(photos), "-o", str(out), "--steps", "6", "--until", "3", *TINY])
+    assert r.exit_code == 0, r.output
+    assert not out.exists() and (tmp_path / "m.safetensors.ckpt").is_file()
+    r = runner.invoke(app, ["train", str(photos), "-o", str(out), "--steps", "6", "--resume", "--json", *TINY])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["steps"] == 6
+    model = AutoEncoder.load(out)
+    assert model.config.ch_mult == (1, 2) and model.config.kind == "kl"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".vqcli-tmp-")]
+
+
+def test_same_seed_same_model(photos, tmp_path):
+    runner = CliRunner()
+    for name in ("a", "b"):
+        r = runner.invoke(app, ["train", str(photos), "-o", str(tmp_path / f"{name}.safetensors"), "--steps", "3", *TINY])
+        assert r.exit_code == 0, r.output
+    a, b = AutoEncoder.load(tmp_path / "a.safetensors"), AutoEncoder.load(tmp_path / "b.safetensors")
+    assert a.identity() == b.identity()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ch", "48"], "multiple of 32"),
+        (["--kind", "gan"], "kl or vq"),
+        (["--preset", "nope"], "unknown --preset"),
+        (["--crop", "17"], "multiple of the downsampling factor"),
+        (["--ch-mult", "1,x"], "comma-separated"),
+    ],
+)
+def test_bad_options_are_refused_with_a_clear_message(photos, tmp_path, args, message):
+    base = ["train", str(photos), "-o", str(tmp_path / "m.safetensors"), "--steps", "2", "--quiet"]
+    r = CliRunner().invoke(app, [*base, *args])
+    assert r.exit_code == 2, r.output
+    assert message in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "m.safetensors").exists()
+
+
+def test_existing_output_is_not_replaced(photos, tmp_path):
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"precious")
+    r = CliRunner().invoke(app, ["train", str(photos), "-o", str(out), "--steps", "2", *TINY])
+    assert r.exit_code == 2 and "already exists" in r.output
+    assert out.read_bytes() == b"precious"
