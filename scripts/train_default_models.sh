@@ -3,18 +3,16 @@
 # the two side by side with one thread each. Training photographs: scikit-image's public-domain /
 # CC0 set, minus the validation photographs in sample_images/ (see README, "Embedded models").
 #
-# The recipe runs in phases, each resuming the checkpoint of the one before:
-#   1. 64x64 crops, 16 a step, cosine schedule planned for 6000 steps, stopped early;
-#   2. the same crops, the schedule re-planned for a shorter total;
-#   3. 128x128 crops, 8 a step;
-#   4. 256x256 crops, 2 a step, stopped early when the session's time ran out;
-#   5. no steps: writes the EMA weights of the last checkpoint, with the latent scale and shift.
+# The recipe runs in phases, each resuming the checkpoint of the one before, under one cosine
+# schedule planned for 3000 steps:
+#   1. steps 1-1500: 64x64 crops, 16 a step;
+#   2. steps 1501-2600: 128x128 crops, 8 a step;
+#   3. steps 2601-3000: 256x256 crops, 2 a step; then writes the EMA weights with the latent scale
+#      and shift.
 # GroupNorm statistics are taken over the whole image, so a model trained only on small crops
-# learns the statistics of small crops: on whole photographs it shifted colours (validation PSNR
-# 18 dB while 64-px crops reached 26 dB); the later phases show it ever larger images.
-# Known limit of this architecture (ch 32): at full resolution every GroupNorm group holds one
-# channel, so a large uniform area loses its absolute colour; a retrain with ch 64 or more is the
-# next step (see the README).
+# learns the statistics of small crops and shifts colours on whole photographs; the later phases
+# show it ever larger images. Both models are f4 with ch 64 (two channels in every GroupNorm group
+# at full resolution; with ch 32, one channel a group, large flat areas lost their colour).
 #
 # Usage: bash scripts/train_default_models.sh [OUT_DIR]      (default: vqcli/weights)
 #        FROM_PHASE=N bash scripts/train_default_models.sh   continues at phase N from the checkpoints in OUT_DIR
@@ -46,9 +44,9 @@ recipe() {
     "${run[@]}" "${args[@]}"
   done
 }
-recipe default "64 16 6000 1000" "64 16 4000 3250" "128 8 4500 4000" "256 2 5200 4750" "256 2 4750 -" > runs/train-default.log 2>&1 &
+recipe default "64 16 3000 1500" "128 8 3000 2600" "256 2 3000 -" > runs/train-default.log 2>&1 &
 kl=$!
-recipe default-vq "64 16 6000 750" "64 16 3500 2750" "128 8 4000 3250" "256 2 4250 3750" "256 2 3750 -" > runs/train-default-vq.log 2>&1 &
+recipe default-vq "64 16 3000 1500" "128 8 3000 2600" "256 2 3000 -" > runs/train-default-vq.log 2>&1 &
 vq=$!
 wait $kl
 wait $vq

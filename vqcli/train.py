@@ -42,13 +42,15 @@ CHECKPOINT_FORMAT = "vqcli.train-checkpoint"
 
 # Architectures of the embedded models, trainable with ``vqcli train --preset NAME``.
 TRAIN_PRESETS: dict[str, AutoEncoderConfig] = {
-    # KL, f8, 16 latent channels: 12x fewer latent values than RGB values.
+    # KL, f4, 4 latent channels: 12x fewer latent values than RGB values. ch 64 puts two channels in
+    # every GroupNorm group at full resolution; with ch 32 (one channel a group) the decoder's last
+    # norm removed each channel's image-wide mean, and with it the colour of large flat areas.
     "default": AutoEncoderConfig(
-        kind="kl", ch=32, ch_mult=(1, 2, 4, 4), num_res_blocks=1, z_channels=16, name="default"
+        kind="kl", ch=64, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=4, name="default"
     ),
     # VQ, f4, 1024 codes of dimension 4: 48x fewer codes than RGB values.
     "default-vq": AutoEncoderConfig(
-        kind="vq", ch=32, ch_mult=(1, 2, 4), num_res_blocks=1, z_channels=4, n_embed=1024, name="default-vq"
+        kind="vq", ch=64, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=4, n_embed=1024, name="default-vq"
     ),
 }
 
