@@ -35,7 +35,6 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Mapping
@@ -49,7 +48,7 @@ from .autoencoder import FORMAT as NATIVE_FORMAT
 from .autoencoder import AutoEncoder, AutoEncoderConfig, load_strict
 from .devices import DTYPES
 from .errors import ConfigError, FileError, UsageError
-from .fileio import TMP_PREFIX, current_umask
+from .fileio import current_umask, make_temp_dir
 from .layouts import DIFFUSERS, detect_layout, select_autoencoder, to_diffusers, to_original
 from .native import read_native, read_safetensors_header
 from .presets import EMBEDDED, architecture_key, attention_levels, get_preset, guess_preset, preset_with_factors
@@ -817,7 +816,7 @@ def save_diffusers(model: AutoEncoder, folder: str | os.PathLike, *, overwrite: 
         raise FileError(final, str(e)) from None
     tensors = to_diffusers({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=final.parent))
+    tmp = make_temp_dir(final.parent)
     try:
         os.chmod(tmp, 0o777 & ~current_umask())
         save_file(tensors, str(tmp / DIFFUSERS_WEIGHTS[0]), metadata={"format": "pt"})
@@ -827,7 +826,7 @@ def save_diffusers(model: AutoEncoder, folder: str | os.PathLike, *, overwrite: 
                 os.fsync(f.fileno())
         _check_replaceable(final, overwrite)
         if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "old-", dir=final.parent))
+            old = make_temp_dir(final.parent, old=True)
             os.replace(final, old / final.name)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
