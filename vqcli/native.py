@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
 
 from .errors import ConfigError, FileError
+
+# Bytes per element of the safetensors dtypes torch can hold (others are left to the library).
+DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+    "C64": 8,
+}
+MAX_HEADER = 100_000_000
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -41,18 +50,31 @@ def read_safetensors_header(path: Path) -> dict:
             n = int.from_bytes(head, "little")
             if n < 2 or 8 + n > size:
                 raise FileError(path, f"not a safetensors file (header of {n} bytes does not fit in {size} bytes)")
-            if n > 100_000_000:
-                raise FileError(path, f"safetensors header of {n} bytes is too large")
+            if n > MAX_HEADER:
+                raise FileError(path, f"safetensors header of {n:,} bytes is too large (over {MAX_HEADER:,})")
             raw = f.read(n)
     except OSError as e:
         raise FileError(path, e.strerror or str(e)) from None
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        # ValueError: JSONDecodeError, and integers of more digits than Python converts;
+        # RecursionError: brackets nested deeper than the parser's recursion limit
         raise FileError(path, "not a safetensors file (header is not valid JSON)") from None
     if not isinstance(header, dict):
         raise FileError(path, "not a safetensors file (header is not a JSON object)")
-    data_size = size - 8 - n
+    _check_entries(path, header, size - 8 - n)
+    return header
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_entries(path: Path, header: dict, data_size: int) -> None:
+    """Each tensor's entry: a known shape and dtype whose size is its byte range, inside the data
+    section, no two ranges overlapping. Checked from the header alone, before anything is allocated."""
+    ranges = []
     for name, info in header.items():
         if name == "__metadata__":
             if info is not None and not (
@@ -60,15 +82,51 @@ def read_safetensors_header(path: Path) -> dict:
             ):
                 raise FileError(path, "safetensors metadata must map strings to strings")
             continue
+        label = short_name(name)
         offsets = info.get("data_offsets") if isinstance(info, dict) else None
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
-            or not all(isinstance(o, int) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1] <= data_size
+            or not all(_is_count(o) for o in offsets)
+            or not offsets[0] <= offsets[1] <= data_size
         ):
-            raise FileError(path, f"tensor {name!r} lies outside the file (truncated or corrupt)")
-    return header
+            raise FileError(path, f"tensor {label} lies outside the file (truncated or corrupt)")
+        shape, dtype = info.get("shape"), info.get("dtype")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape) or len(shape) > 64:
+            raise FileError(path, f"tensor {label} has no valid shape (a list of sizes) in the header")
+        if not isinstance(dtype, str):
+            raise FileError(path, f"tensor {label} has no valid dtype in the header")
+        itemsize = DTYPE_SIZES.get(dtype)
+        if itemsize is not None:
+            needed = itemsize
+            for d in shape:
+                needed *= d
+            held = offsets[1] - offsets[0]
+            if needed != held:
+                raise FileError(
+                    path,
+                    f"not a readable safetensors file (tensor {label} claims shape {_short_list(shape)} of "
+                    f"{dtype}, {_bytes(needed)} bytes, but its byte range holds {held:,})",
+                )
+        ranges.append((offsets[0], offsets[1], label))
+    ranges.sort()
+    for (_, end, first), (start, _, second) in zip(ranges, ranges[1:]):
+        if start < end:
+            raise FileError(path, f"not a readable safetensors file (tensors {first} and {second} overlap)")
+
+
+def short_name(name: str, limit: int = 80) -> str:
+    """A name from a file, fit for a one-line message: quoted, control characters escaped, cut short."""
+    text = repr(name)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+def _bytes(n: int) -> str:
+    return f"{n:,}" if n < 10**18 else f"{float(n):.3g}"
+
+
+def _short_list(values: list) -> str:
+    return str(values) if len(values) <= 8 else f"[{', '.join(map(str, values[:8]))}, ...]"
 
 
 def _short(e: Exception) -> str:
@@ -86,8 +144,54 @@ def read_native(path: Path) -> tuple["AutoEncoderConfig", dict[str, torch.Tensor
     version = metadata.get("format_version", "?")
     if version != str(FORMAT_VERSION):
         raise FileError(path, f"vqcli weights format version {version} is not supported (this vqcli reads {FORMAT_VERSION})")
+    if "config" not in metadata:
+        raise FileError(path, "bad model config in metadata: it has none")
     try:
         config = AutoEncoderConfig.from_dict(json.loads(metadata["config"]))
-    except (KeyError, json.JSONDecodeError, ConfigError, TypeError) as e:
-        raise FileError(path, f"bad model config in metadata: {e}") from None
+    except (ValueError, RecursionError, ConfigError, TypeError) as e:
+        raise FileError(path, f"bad model config in metadata: {_short(e)[:200]}") from None
+    check_weights(config, tensors, path)
     return config, tensors
+
+
+def check_weights(config: "AutoEncoderConfig", state: dict[str, torch.Tensor], source) -> None:  # noqa: F821
+    """Refuse weights that cannot be those of ``AutoEncoder(config)``, before any model is allocated.
+
+    Names, shapes, dtypes and values are checked against a model built on the meta device (which
+    allocates nothing, whatever sizes a hostile config asks for): the same keys and shapes
+    (``load_strict``'s message), floating-point tensors only, and no NaN or infinite value.
+    """
+    from .autoencoder import AutoEncoder, load_strict
+
+    odd = [k for k in state if not (isinstance(k, str) and k.isprintable() and len(k) <= 1000)]
+    if odd:
+        raise FileError(source, f"weights have a tensor name no model has: {short_name(str(odd[0]))}")
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise FileError(source, f"weights entry {short_name(not_tensors[0])} is not a tensor")
+    # Every level has at least one res block of several tensors: a config needing more levels and
+    # blocks than the file has tensors cannot match it (and would be slow to build even on meta).
+    if len(config.ch_mult) * config.num_res_blocks > len(state):
+        raise FileError(
+            source,
+            f"its config ({len(config.ch_mult)} levels x {config.num_res_blocks} res blocks) needs more "
+            f"tensors than the {len(state)} the file holds",
+        )
+    with torch.device("meta"):
+        reference = AutoEncoder(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # copying into meta tensors does nothing, which is all we want
+        load_strict(reference, state, source)
+    not_float = sorted(k for k, v in state.items() if not v.is_floating_point())
+    if not_float:
+        first = not_float[0]
+        raise FileError(
+            source,
+            f"{len(not_float)} weight tensor(s) are not floating point, e.g. {first} "
+            f"({str(state[first].dtype).removeprefix('torch.')})",
+        )
+    for name in sorted(state):
+        tensor = state[name]
+        if not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise FileError(source, f"weights hold {bad} NaN or infinite value(s) in {name}")
