@@ -31,9 +31,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import os
 import pickle
 import re
+import reprlib
 import shutil
 import warnings
 from collections import Counter
@@ -50,7 +52,7 @@ from .devices import DTYPES
 from .errors import ConfigError, FileError, UsageError
 from .fileio import current_umask, make_temp_dir
 from .layouts import DIFFUSERS, detect_layout, select_autoencoder, to_diffusers, to_original
-from .native import read_native, read_safetensors_header
+from .native import check_weights, read_native, read_safetensors_header, short_name
 from .presets import EMBEDDED, architecture_key, attention_levels, get_preset, guess_preset, preset_with_factors
 
 log = logging.getLogger(__name__)
@@ -200,8 +202,11 @@ def build_model(
     """An ``AutoEncoder`` holding ``state`` exactly (strict), in ``dtype`` or the weights' own dtype.
 
     The model is created on the meta device and materialised empty, so no time goes into random
-    initialisation that the strict load then overwrites entirely.
+    initialisation that the strict load then overwrites entirely. The weights are checked first
+    (``native.check_weights``: keys, shapes, floating dtypes, finite values), so nothing is
+    allocated for weights that cannot load.
     """
+    check_weights(config, dict(state), source)  # before allocating what the config asks for
     target = _as_dtype(dtype) if dtype is not None else _dominant_dtype(state)
     with torch.device("meta"):
         model = AutoEncoder(config)
@@ -246,25 +251,31 @@ def infer_config(state: Mapping[str, torch.Tensor], *, source: str | os.PathLike
     ``resolution`` (256, or more for very deep models), which a config file may later replace.
     """
 
-    def need(key: str) -> torch.Tensor:
+    def need(key: str, ndim: int = 4) -> torch.Tensor:
+        """The tensor ``key``: a 2-D convolution's (out, in, kh, kw) weight, or ``ndim`` non-empty sizes."""
         if key not in state:
             raise FileError(source, f"not an autoencoder of this family: {key} is missing ({_key_summary(state)})")
-        return state[key]
+        t = state[key]
+        if t.ndim != ndim or 0 in t.shape:
+            what = "a 2-D convolution's weight" if ndim == 4 else f"a {ndim}-D tensor"
+            raise FileError(source, f"{key} has shape {tuple(t.shape)}, not that of {what}")
+        return t
 
-    conv_in = need("encoder.conv_in.weight")
-    if conv_in.ndim != 4:
+    conv_in = state.get("encoder.conv_in.weight")
+    if conv_in is not None and conv_in.ndim == 5:
         raise FileError(
             source,
-            f"encoder.conv_in.weight has shape {tuple(conv_in.shape)}: a {conv_in.ndim - 2}-D convolution, "
+            f"encoder.conv_in.weight has shape {tuple(conv_in.shape)}: a 3-D convolution, "
             "but this family is 2-D (a video autoencoder?)",
         )
+    conv_in = need("encoder.conv_in.weight")
     ch, in_channels = int(conv_in.shape[0]), int(conv_in.shape[1])
     levels = sorted(_indices(state, r"^encoder\.down\.(\d+)\.block\.0\.conv1\.weight$"))
     if not levels or levels != list(range(len(levels))):
         raise FileError(source, f"not an autoencoder of this family: encoder levels {levels} ({_key_summary(state)})")
     ch_mult = []
     for i in levels:
-        width = int(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0])
+        width = int(need(f"encoder.down.{i}.block.0.conv1.weight").shape[0])
         if width % ch:
             raise FileError(source, f"encoder level {i} has {width} channels, not a multiple of conv_in's {ch}")
         ch_mult.append(width // ch)
@@ -295,10 +306,12 @@ def infer_config(state: Mapping[str, torch.Tensor], *, source: str | os.PathLike
     moments = 2 if kind == "kl" else 1
     use_quant_conv = "quant_conv.weight" in state
     use_post_quant_conv = "post_quant_conv.weight" in state
+    if kind == "vq":
+        need("quantize.embedding.weight", ndim=2)
     if use_quant_conv:
-        embed_dim = int(state["quant_conv.weight"].shape[0]) // moments
+        embed_dim = int(need("quant_conv.weight").shape[0]) // moments
     elif use_post_quant_conv:
-        embed_dim = int(state["post_quant_conv.weight"].shape[1])
+        embed_dim = int(need("post_quant_conv.weight").shape[1])
     elif kind == "vq":
         embed_dim = int(state["quantize.embedding.weight"].shape[1])
     else:
@@ -333,12 +346,17 @@ def _indices(state: Mapping[str, Any], pattern: str) -> set[int]:
 
 def _key_summary(keys: Mapping[str, Any] | list[str], shown: int = 6) -> str:
     """What a file holds, grouped by the first two name components: ``encoder.layers (17 keys), ...``."""
-    groups = Counter(".".join(k.split(".")[:2]) for k in keys)
+    groups = Counter(".".join(str(k).split(".")[:2]) for k in keys)
     if not groups:
         return "it holds no tensors"
-    parts = [f"{name} ({n} key{'s' if n > 1 else ''})" for name, n in sorted(groups.items())[:shown]]
+    parts = [f"{_plain(name)} ({n} key{'s' if n > 1 else ''})" for name, n in sorted(groups.items())[:shown]]
     more = f", and {len(groups) - shown} more groups" if len(groups) > shown else ""
     return "it holds " + ", ".join(parts) + more
+
+
+def _plain(name: str) -> str:
+    """A name from a file as it is when it is plain text, else quoted and escaped (one line, short)."""
+    return name if name.isprintable() and len(name) <= 80 else short_name(name)
 
 
 # --- config files ------------------------------------------------------------------------------
@@ -357,25 +375,37 @@ def check_diffusers_config(
     """
     cls = cfg.get("_class_name")
     if cls not in DIFFUSERS_CLASSES:
-        raise FileError(source, f"describes a {cls or 'model of unknown class'}; vqcli reads AutoencoderKL and VQModel")
+        what = _plain(cls) if isinstance(cls, str) and cls else "model of unknown class"
+        raise FileError(source, f"describes a {what}; vqcli reads AutoencoderKL and VQModel")
+    try:
+        return _check_diffusers_config(cfg, cls, inferred, source)
+    except (TypeError, ValueError, ArithmeticError, AttributeError) as e:  # a value of the wrong type or size
+        raise FileError(source, f"unreadable config.json ({_first_line(e)[:200]})") from None
+
+
+def _check_diffusers_config(
+    cfg: Mapping[str, Any], cls: str, inferred: AutoEncoderConfig, source: str | os.PathLike
+) -> tuple[AutoEncoderConfig, bool]:
     expected: dict[str, Any] = {"kind": DIFFUSERS_CLASSES[cls]}
     unsupported = []
     if cfg.get("norm_num_groups", 32) != 32:
-        unsupported.append(f"norm_num_groups {cfg['norm_num_groups']}")
+        unsupported.append(f"norm_num_groups {_repr(cfg['norm_num_groups'])}")
     if cfg.get("act_fn", "silu") != "silu":
-        unsupported.append(f"act_fn {cfg['act_fn']}")
+        unsupported.append(f"act_fn {_repr(cfg['act_fn'])}")
     if cfg.get("mid_block_add_attention", True) is not True:
         unsupported.append("no middle attention")
     if cfg.get("norm_type", "group") != "group":
-        unsupported.append(f"norm_type {cfg['norm_type']}")
+        unsupported.append(f"norm_type {_repr(cfg['norm_type'])}")
     down, up = cfg.get("down_block_types"), cfg.get("up_block_types")
     for types, allowed in ((down, ("DownEncoderBlock2D", "AttnDownEncoderBlock2D")), (up, ("UpDecoderBlock2D", "AttnUpDecoderBlock2D"))):
-        unsupported += [f"block type {t}" for t in types or () if t not in allowed]
+        unsupported += [f"block type {_repr(t)}" for t in types or () if t not in allowed]
     if unsupported:
         raise FileError(source, "uses what this family does not have: " + ", ".join(unsupported))
 
     if "block_out_channels" in cfg:
         widths = [int(w) for w in cfg["block_out_channels"]]
+        if not widths or min(widths) < 1:
+            raise ValueError(f"block_out_channels {reprlib.repr(cfg['block_out_channels'])} are not positive widths")
         expected["ch"] = widths[0]
         expected["ch_mult"] = tuple(w // widths[0] for w in widths)
     for field_, key in (
@@ -404,7 +434,7 @@ def check_diffusers_config(
     if isinstance(own, Mapping):
         try:
             restored = AutoEncoderConfig.from_dict(dict(own))
-        except ConfigError as e:
+        except (ConfigError, TypeError, ValueError) as e:
             raise FileError(source, f"bad _vqcli_config: {e}") from None
         if architecture_key(restored) != architecture_key(inferred):
             raise FileError(source, f"_vqcli_config describes {describe(restored)}, the weights {describe(inferred)}")
@@ -420,6 +450,8 @@ def check_diffusers_config(
     if cls == "AutoencoderKL":
         scale = float(cfg.get("scaling_factor", 0.18215))
         shift = float(cfg.get("shift_factor") or 0.0)
+        if not (math.isfinite(scale) and scale != 0 and math.isfinite(shift)):
+            raise ValueError(f"scaling_factor {scale} and shift_factor {shift} must be finite, the scale not 0")
         known = preset_with_factors(config, scale, shift)
         config = config.replace(scale_factor=scale, shift_factor=shift, name=known.name if known else config.name)
         return config, True
@@ -483,12 +515,19 @@ def check_yaml_config(
         if "n_embed" in params:
             expected["n_embed"] = int(params["n_embed"])
         expected["attention levels"] = yaml_levels
-    except (TypeError, ValueError, AttributeError) as e:
-        raise FileError(path, f"unreadable ddconfig ({e})") from None
+        dropout = float(dd.get("dropout", 0.0))
+        scale = None if scale is None else float(scale)
+        if scale is not None and not (math.isfinite(scale) and scale != 0):
+            raise ValueError(f"scale_factor {scale} is not a finite, non-zero number")
+    except (TypeError, ValueError, ArithmeticError, AttributeError) as e:
+        raise FileError(path, f"unreadable ddconfig ({_first_line(e)[:200]})") from None
     _raise_mismatches(path, "the YAML config", expected, {**_fields(inferred), "attention levels": attention_levels(inferred)})
-    config = inferred.replace(resolution=resolution, attn_resolutions=attn, dropout=float(dd.get("dropout", 0.0)))
+    try:
+        config = inferred.replace(resolution=resolution, attn_resolutions=attn, dropout=dropout)
+    except ConfigError as e:
+        raise FileError(path, f"unusable ddconfig ({e})") from None
     if scale is not None:
-        return config.replace(scale_factor=float(scale)), True
+        return config.replace(scale_factor=scale), True
     return config, False
 
 
@@ -511,9 +550,19 @@ def _fields(config: AutoEncoderConfig) -> dict[str, Any]:
 
 
 def _raise_mismatches(source: str | os.PathLike, what: str, expected: Mapping[str, Any], actual: Mapping[str, Any]) -> None:
-    wrong = [f"{k} {v!r} vs {actual[k]!r}" for k, v in expected.items() if actual.get(k) != v]
+    wrong = [f"{k} {_repr(v)} vs {_repr(actual.get(k))}" for k, v in expected.items() if actual.get(k) != v]
     if wrong:
         raise FileError(source, f"{what} does not match the weights ({what} vs weights): " + "; ".join(wrong))
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 2, 60, 60
+
+
+def _repr(value: Any) -> str:
+    """A short one-line repr of a value read from a file (which may be huge or deeply nested)."""
+    text = _SHORT_REPR.repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -521,8 +570,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise FileError(path, e.strerror or str(e)) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FileError(path, f"not valid JSON ({e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, huge integers
+        raise FileError(path, f"not valid JSON ({_first_line(e)[:200]})") from None
     if not isinstance(data, dict):
         raise FileError(path, "not a JSON object")
     return data
@@ -537,8 +586,9 @@ def _read_yaml(path: Path) -> Any:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise FileError(path, e.strerror or str(e)) from None
-    except (UnicodeDecodeError, yaml.YAMLError) as e:
-        raise FileError(path, f"not valid YAML ({str(e).splitlines()[0]})") from None
+    except (UnicodeDecodeError, yaml.YAMLError, ValueError, RecursionError) as e:
+        # ValueError: integers of more digits than Python converts; RecursionError: deep nesting
+        raise FileError(path, f"not valid YAML ({_first_line(e)[:200]})") from None
 
 
 # --- file formats ------------------------------------------------------------------------------
@@ -658,7 +708,7 @@ def _tensors_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         raise FileError(path, f"holds a {type(obj).__name__}, not a dictionary of weights")
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise FileError(path, f"holds no tensors (top-level entries: {', '.join(map(str, list(obj)[:8]))})")
+        raise FileError(path, f"holds no tensors (top-level entries: {', '.join(_plain(str(k)) for k in list(obj)[:8])})")
     return tensors
 
 
@@ -666,9 +716,12 @@ def _read_train_checkpoint(path: Path, obj: Mapping[str, Any]) -> Checkpoint:
     """A ``vqcli train`` checkpoint: its EMA weights, which are what training saves as the model."""
     try:
         config = AutoEncoderConfig.from_dict(json.loads(obj["config"]))
-        state = dict(obj["ema"])
-    except (KeyError, TypeError, ValueError, ConfigError) as e:
-        raise FileError(path, f"damaged vqcli training checkpoint ({e})") from None
+        ema = obj["ema"]
+        if not isinstance(ema, Mapping):
+            raise TypeError(f"its ema entry is a {type(ema).__name__}, not a mapping of weights")
+        state = dict(ema)
+    except (KeyError, TypeError, ValueError, RecursionError, ConfigError) as e:
+        raise FileError(path, f"damaged vqcli training checkpoint ({_first_line(e)[:200]})") from None
     return Checkpoint(path, "vqcli", config, state, factors_stated=True)
 
 
@@ -682,8 +735,10 @@ def _read_diffusers_folder(
         folder = sub
     cfg_path = config_path or folder / "config.json"
     cfg = _read_json(cfg_path)
-    if cfg.get("_class_name") not in DIFFUSERS_CLASSES:
-        raise FileError(cfg_path, f"describes a {cfg.get('_class_name') or 'model of unknown class'}; vqcli reads AutoencoderKL and VQModel")
+    cls = cfg.get("_class_name")
+    if cls not in DIFFUSERS_CLASSES:
+        what = _plain(cls) if isinstance(cls, str) and cls else "model of unknown class"
+        raise FileError(cfg_path, f"describes a {what}; vqcli reads AutoencoderKL and VQModel")
     if weights is None:
         weights = next((folder / n for n in DIFFUSERS_WEIGHTS if (folder / n).is_file()), None)
         if weights is None:
