@@ -43,7 +43,7 @@ import torch
 from .autoencoder import AutoEncoder, AutoEncoderConfig
 from .errors import ConfigError, FileError
 from .fileio import atomic_path
-from .native import read_safetensors, read_safetensors_header
+from .native import read_safetensors, read_safetensors_header, short_name
 from .padding import padded_size
 
 FORMAT = "vqcli.latent"
@@ -54,6 +54,11 @@ KEY = "latent"
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 INDEX_DTYPES = {"int16": torch.int16, "int32": torch.int32, "int64": torch.int64}
 REPRESENTATIONS = {"kl": ("mean", "sample"), "vq": ("indices",)}
+# safetensors' dtype names, as torch names them (for checking a header before reading the tensor)
+HEADER_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}
 MAX_SIDE = 1 << 20  # no image side above a million pixels is believable
 
 
@@ -232,15 +237,23 @@ def is_latent_file(path: str | os.PathLike) -> bool:
 
 
 def read_latent(path: str | os.PathLike) -> Latent:
-    """Read and validate a latent file, or raise ``FileError`` saying what is wrong."""
+    """Read and validate a latent file, or raise ``FileError`` saying what is wrong.
+
+    The header (metadata, tensor name, dtype and shape) is checked before the tensor is read, so a
+    file whose header is wrong costs no memory whatever sizes it claims; then the values.
+    """
     path = Path(path)
     if path.is_dir():
         raise FileError(path, "is a folder, not a latent file")
-    tensors, metadata = read_safetensors(path)
-    meta = parse_meta(path, metadata)
-    if set(tensors) != {KEY}:
-        names = ", ".join(sorted(tensors)[:5]) or "none"
-        raise FileError(path, f"a latent file holds exactly one tensor named {KEY!r} (found: {names})")
+    header = read_safetensors_header(path)
+    meta = parse_meta(path, header.get("__metadata__") or {})
+    names = [k for k in header if k != "__metadata__"]
+    if names != [KEY]:
+        found = ", ".join(short_name(n) for n in sorted(names)[:5]) or "none"
+        raise FileError(path, f"a latent file holds exactly one tensor named {KEY!r} (found: {found})")
+    info = header[KEY]
+    _check_shape_and_dtype(path, tuple(info["shape"]), HEADER_DTYPES.get(info["dtype"], info["dtype"][:20]), meta)
+    tensors, _ = read_safetensors(path)
     tensor = tensors[KEY]
     check_tensor(path, tensor, meta)
     return Latent(tensor, meta)
@@ -343,17 +356,7 @@ def parse_meta(path: Path, metadata: dict[str, str]) -> LatentMeta:
 
 def check_tensor(path: Path, tensor: torch.Tensor, meta: LatentMeta) -> None:
     """The tensor must have the shape, dtype and values its metadata promises."""
-    shape = tuple(tensor.shape)
-    if shape != meta.latent_shape:
-        what = "(h, w) codebook indices" if meta.kind == "vq" else "(channels, h, w)"
-        raise FileError(
-            path,
-            f"latent has shape {shape}, but its metadata implies {meta.latent_shape} {what} "
-            f"for a {meta.width}x{meta.height} image",
-        )
-    dtype_name = str(tensor.dtype).removeprefix("torch.")
-    if dtype_name != meta.dtype:
-        raise FileError(path, f"latent tensor is {dtype_name} but its metadata says {meta.dtype}")
+    _check_shape_and_dtype(path, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), meta)
     if meta.kind == "vq":
         if tensor.numel():
             lo, hi = int(tensor.min()), int(tensor.max())
@@ -364,6 +367,19 @@ def check_tensor(path: Path, tensor: torch.Tensor, meta: LatentMeta) -> None:
     elif not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise FileError(path, f"latent has {bad} NaN or infinite value(s)")
+
+
+def _check_shape_and_dtype(path: Path, shape: tuple[int, ...], dtype_name: str, meta: LatentMeta) -> None:
+    if shape != meta.latent_shape:
+        what = "(h, w) codebook indices" if meta.kind == "vq" else "(channels, h, w)"
+        shown = shape if len(shape) <= 8 else f"{shape[:8]}... ({len(shape)} dimensions)"
+        raise FileError(
+            path,
+            f"latent has shape {shown}, but its metadata implies {meta.latent_shape} {what} "
+            f"for a {meta.width}x{meta.height} image",
+        )
+    if dtype_name != meta.dtype:
+        raise FileError(path, f"latent tensor is {dtype_name} but its metadata says {meta.dtype}")
 
 
 def check_model(path: Path, meta: LatentMeta, model: AutoEncoder, model_label: str) -> None:
