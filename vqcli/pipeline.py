@@ -32,11 +32,12 @@ under two input folders) are refused, the second one failing with a message.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -44,14 +45,17 @@ import numpy as np
 import torch
 
 from . import latents as lat
+from . import shards, tario
 from .accel import compute_context, memory_format_for
 from .autoencoder import AutoEncoder
 from .errors import FileError, UsageError, VqcliError
 from .fileio import TMP_PREFIX
 from .images import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, format_matches, is_image_path, load_image, save_image
 from .images import written_by_vqcli
+from .manifest import Entry
 from .models import ModelRef, is_embedded, resolve_model, with_factors
 from .padding import from_model_output, pad_to_multiple, to_model_input
+from .shards import Share
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,7 @@ class FileResult:
     reason: str = ""  # why it was skipped or failed
     fallback_fp32: bool = False  # reduced precision gave NaN/Inf; redone in float32
     info: dict[str, Any] = field(default_factory=dict)  # width, height, ...
+    job: Job | None = field(default=None, repr=False, compare=False)  # the job it is the result of
 
     @property
     def message(self) -> str:
@@ -86,6 +91,28 @@ class Job:
     root: Path  # the folder it was found in (for a file named directly, the folder holding it)
     rel: PurePosixPath  # its path relative to ``root``
     output: Path
+    size: int = -1  # bytes of the input (-1: not looked up)
+    block: int = 0  # items of different blocks never share a batch (see ``number_blocks``)
+
+
+@dataclass(frozen=True)
+class TarJob(Job):
+    """A tar shard of images (``input``): each image member becomes a ``MemberJob``, its output
+    under the folder ``output``, or, with ``to_tar``, inside the tar ``output``."""
+
+    members: frozenset[str] | None = None  # only these members (a re-run from a manifest); None: all
+    to_tar: bool = False
+    redo: bool = False  # to_tar: an output tar of vqcli's may be replaced (a re-run from a manifest)
+
+
+@dataclass(frozen=True)
+class MemberJob(Job):
+    """One image inside a tar: ``input`` is ``tar/member`` (for messages), ``data`` its bytes."""
+
+    tar: Path = Path()
+    member: PurePosixPath = PurePosixPath()
+    mtime: int = 0
+    data: bytes = field(default=b"", repr=False, compare=False)
 
 
 def _failed(path: Path, reason: str, output: Path | None = None) -> FileResult:
@@ -95,7 +122,7 @@ def _failed(path: Path, reason: str, output: Path | None = None) -> FileResult:
 def _from_error(job: Job, e: FileError) -> FileResult:
     # Name the input even when the error is about the output.
     reason = e.reason if Path(e.path) == job.input else f"{e.path}: {e.reason}"
-    return FileResult(job.input, job.output, FAILED, reason)
+    return FileResult(job.input, job.output, FAILED, reason, job=job)
 
 
 # --- finding inputs and naming outputs ------------------------------------------------------------
@@ -220,12 +247,292 @@ def count_inputs(paths: Sequence[Path], accept: Callable[[str], bool], *, exclud
     return sum(1 for item in walk(paths, accept, exclude=exclude) if not isinstance(item, FileResult))
 
 
-def image_jobs(paths: Sequence[Path], output_dir: Path) -> Iterator[Job | FileResult]:
-    return find_jobs(paths, output_dir, accept=is_image_path, name=encoded_name)
+def image_jobs(paths: Sequence[Path], output_dir: Path, *, tar_output: bool = False) -> Iterator[Job | FileResult]:
+    """Images and tar shards of images (see ``find_units``)."""
+    return find_units(paths, output_dir, accept=is_image_path, name=encoded_name, tar_output=tar_output)
+
+
+def find_units(
+    paths: Sequence[Path],
+    output_dir: Path,
+    *,
+    accept: Callable[[str], bool],
+    name: Callable[[str], str],
+    tar_output: bool = False,
+) -> Iterator[Job | FileResult]:
+    """``find_jobs`` that also takes tar shards (``tario.TAR_SUFFIXES``), as a ``TarJob`` each.
+
+    A tar's output is the folder ``OUT/rel-of-the-tar/`` holding its members' outputs (mirroring
+    ``shard.tar/member``) or, with ``tar_output``, the tar ``OUT/rel-of-the-tar`` (plain, not
+    compressed) holding them.
+    """
+
+    def unit_name(n: str) -> str:
+        if not tario.is_tar_path(n):
+            return name(n)
+        return tario.plain_name(n) if tar_output else n
+
+    for item in find_jobs(paths, output_dir, accept=lambda n: accept(n) or tario.is_tar_path(n), name=unit_name):
+        if isinstance(item, Job) and tario.is_tar_path(item.input.name):
+            item = TarJob(item.input, item.root, item.rel, item.output, to_tar=tar_output)
+        yield item
 
 
 def latent_jobs(paths: Sequence[Path], output_dir: Path, fmt: str) -> Iterator[Job | FileResult]:
     return find_jobs(paths, output_dir, accept=is_latent_path, name=lambda n: decoded_name(n, fmt))
+
+
+# --- this process's share of the inputs ------------------------------------------------------------
+
+BLOCK_BATCHES = 16  # with --batch-size B > 1, blocks of 16 B files (see ``number_blocks``)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which inputs a run takes, and from where.
+
+    ``share``: this process's share (``vqcli.shards``); None: all of them, streamed as found.
+    ``entries``: a function giving the lines of a manifest to take the inputs from (only the
+    failed and missing ones are done) instead of walking the inputs.
+    ``listed``: called, before any work, with a digest of the whole list of inputs (names and
+    sizes) and its length; torchrun's ranks check that they all found the same inputs.
+    """
+
+    share: Share | None = None
+    entries: Callable[[], Iterable[Entry]] | None = None
+    listed: Callable[[str, int], None] | None = None
+
+
+def block_size(batch_size: int) -> int:
+    """Files per block: 1 without batching; ``BLOCK_BATCHES * batch_size`` with."""
+    return 1 if batch_size <= 1 else BLOCK_BATCHES * batch_size
+
+
+def number_blocks(items: Iterable[Job | FileResult], size: int) -> Iterator[Job | FileResult]:
+    """Give each job its block: ``size`` consecutive files, or one tar shard.
+
+    Blocks are the units shares are made of, and ``batched`` never puts two blocks in one batch:
+    PyTorch's result for an image can differ in the last bits with the other images of its batch
+    (measured: the first convolution on the CPU), so a batch must hold the same images however the
+    inputs are split. Blocks depend only on the list of inputs and the batch size.
+    """
+    block, filled = 0, 0
+    for item in items:
+        if isinstance(item, FileResult):
+            yield item
+            continue
+        tar = isinstance(item, TarJob)
+        if filled and (tar or filled >= size):
+            block, filled = block + 1, 0
+        yield replace(item, block=block)
+        filled += 1
+        if tar:
+            block, filled = block + 1, 0
+
+
+def select_jobs(
+    make: Callable[[], Iterable[Job | FileResult]], selection: Selection, size: int
+) -> Iterator[Job | FileResult]:
+    """The jobs of this process, in blocks: all of ``make()`` (streamed), or its share.
+
+    A share needs the whole list (the split balances sizes), so the inputs are listed twice: once
+    for the blocks' sizes (only those are kept, so memory stays small for millions of files), then
+    for this share's jobs. Failures of the listing itself (unreadable folders, collisions) belong
+    to share 0. A list that changed between the two passes is an error: the shares of processes
+    that listed it at other times would no longer fit together.
+    """
+    share = selection.share
+    if share is None:
+        yield from number_blocks(make(), size)
+        return
+    weights: list[int] = []
+    names, sized = hashlib.sha256(), hashlib.sha256()
+    total = 0
+    for item in number_blocks(make(), size):
+        total += 1
+        key = _list_key(item)
+        names.update(key)
+        if isinstance(item, FileResult):
+            sized.update(key)
+            continue
+        nbytes = _size(item.input)
+        sized.update(key + f"{nbytes}\n".encode())
+        weights.extend([0] * (item.block + 1 - len(weights)))
+        weights[item.block] += shards.unit_weight([nbytes])
+    if selection.listed is not None:
+        selection.listed(sized.hexdigest(), total)
+    owner = shards.assign(weights, share.count)
+    again = hashlib.sha256()
+    for item in number_blocks(make(), size):
+        again.update(_list_key(item))
+        if isinstance(item, FileResult):
+            if share.index == 0:
+                yield item
+        elif item.block < len(owner) and owner[item.block] == share.index:
+            yield item
+    if again.digest() != names.digest():
+        raise VqcliError(
+            "the inputs changed while this run was listing them (files added, removed or renamed), so the "
+            "shares may no longer fit together; rerun when they are stable (finished outputs are kept)"
+        )
+
+
+def _list_key(item: Job | FileResult) -> bytes:
+    if isinstance(item, FileResult):
+        return f"!{item.input}\0{item.reason}\n".encode("utf-8", "surrogateescape")
+    return f"{item.input}\0{item.output}\0{item.block}\n".encode("utf-8", "surrogateescape")
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
+
+
+# --- tar shards -----------------------------------------------------------------------------------
+
+
+def expand_tars(
+    items: Iterable[Any], name: Callable[[str], str], accept: Callable[[str], bool] = is_image_path
+) -> Iterator[Any]:
+    """Each ``TarJob`` with a folder output as a ``MemberJob`` per image inside; all else as it is."""
+    for item in items:
+        if isinstance(item, TarJob) and not item.to_tar:
+            yield from member_jobs(item, name, accept)
+        else:
+            yield item
+
+
+def member_jobs(
+    tar: TarJob, name: Callable[[str], str], accept: Callable[[str], bool] = is_image_path
+) -> Iterator[MemberJob | FileResult]:
+    """The image members of one tar as jobs, read front to back; a member ``d/m`` has the output
+    ``tar.output/d/name(m)``.
+
+    A member with an unsafe name, or whose output an earlier member of the same name claimed,
+    fails; a tar that cannot be read fails as a whole (after the members before the damage).
+    """
+    wanted = None if tar.members is None else (lambda m: m.as_posix() in tar.members)
+    claimed: set[str] = set()
+    try:
+        for m in tario.read_members(tar.input, accept, wanted):
+            job = MemberJob(
+                tar.input / m.name,
+                tar.root,
+                tar.rel / m.name,
+                tar.output.joinpath(*m.name.parent.parts, name(m.name.name)),
+                size=m.size,
+                block=tar.block,
+                tar=tar.input,
+                member=m.name,
+                mtime=m.mtime,
+                data=m.data or b"",
+            )
+            if m.problem:
+                yield FileResult(job.input, None, FAILED, m.problem, job=job)
+                continue
+            if m.data is None:
+                continue  # not wanted
+            key = os.path.normcase(str(job.output))
+            if key in claimed:
+                reason = "the tar holds an earlier member of the same name; only that one is used"
+                yield FileResult(job.input, job.output, FAILED, reason, job=job)
+                continue
+            claimed.add(key)
+            yield job
+    except FileError as e:
+        yield FileResult(tar.input, tar.output, FAILED, e.reason, job=tar)
+
+
+def load_job_image(job: Job, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The image of a job: a file, or a tar member's bytes."""
+    if isinstance(job, MemberJob):
+        return tario.load_image_bytes(job.data, job.input, max_pixels=max_pixels)
+    return load_image(job.input, max_pixels=max_pixels)
+
+
+def count_work(paths: Sequence[Path], accept: Callable[[str], bool], *, exclude: Path | None = None) -> int:
+    """How many results a run over ``paths`` gives (names and tar headers only: for progress bars)."""
+    n = 0
+    for item in walk(paths, lambda name: accept(name) or tario.is_tar_path(name), exclude=exclude):
+        if not isinstance(item, FileResult):
+            n += tario.count_members(item[0], accept) if tario.is_tar_path(item[0].name) else 1
+    return n
+
+
+# --- manifests ------------------------------------------------------------------------------------
+
+
+def entry_of(result: FileResult, output_dir: Path) -> Entry:
+    """A result as a manifest line (the fields: see ``vqcli.manifest``)."""
+    job = result.job
+    if isinstance(job, MemberJob):
+        source, member, size = os.path.abspath(job.tar), job.member.as_posix(), job.size
+    else:
+        source, member = os.path.abspath(result.input), None
+        size = job.size if job is not None and job.size >= 0 else _size(result.input)
+    rel = job.rel.as_posix() if job is not None else Path(result.input).name
+    output = None
+    if result.output is not None:
+        output = Path(os.path.relpath(os.path.abspath(result.output), os.path.abspath(output_dir))).as_posix()
+    error = result.reason if result.status == FAILED else None
+    return Entry(source, member, rel, output, size if size >= 0 else None, result.status, error)
+
+
+def jobs_from_entries(
+    entries: Iterable[Entry], output_dir: Path, *, name: Callable[[str], str], tar_output: bool = False
+) -> Iterator[Job]:
+    """The jobs of the manifest lines that are not finished: failed, never run, or whose output is
+    gone. Outputs are named as a fresh run over the same inputs would name them.
+
+    Lines of members of one tar become one ``TarJob`` (in the place of the first) reading only those
+    members; with ``tar_output``, the shard's output tar is made again, whole.
+    """
+    tars: dict[str, dict[str, Any]] = {}
+    made: dict[str, bool] = {}  # tar_output: whether a tar's output tar is there
+    order: list[Entry | str] = []
+    for e in entries:
+        rel = PurePosixPath(e.rel)
+        if e.member is None and not tario.is_tar_path(e.source):
+            if e.status in (DONE, SKIPPED) and os.path.lexists(output_dir.joinpath(*rel.parent.parts, name(rel.name))):
+                continue
+            order.append(e)
+            continue
+        member = PurePosixPath(e.member) if e.member else None
+        tar_rel = rel
+        if member is not None:
+            n = len(member.parts)
+            tar_rel = PurePosixPath(*rel.parts[:-n]) if len(rel.parts) > n and rel.parts[-n:] == member.parts else PurePosixPath(Path(e.source).name)
+        out = output_dir / (tario.plain_name(tar_rel.as_posix()) if tar_output else tar_rel.as_posix())
+        if e.status in (DONE, SKIPPED):
+            if tar_output:
+                if e.source not in made:
+                    made[e.source] = out.is_file() and tario.is_vqcli_tar(out)
+                present = made[e.source]
+            elif member is None:
+                present = out.is_dir()
+            else:
+                present = os.path.lexists(out.joinpath(*member.parent.parts, name(member.name)))
+            if present:
+                continue
+        t = tars.get(e.source)
+        if t is None:
+            t = tars[e.source] = {"rel": tar_rel, "output": out, "members": set(), "all": False}
+            order.append(e.source)
+        if member is None:
+            t["all"] = True
+        else:
+            t["members"].add(member.as_posix())
+    for item in order:
+        if isinstance(item, Entry):
+            rel, source = PurePosixPath(item.rel), Path(item.source)
+            root = Path(*source.parts[: -len(rel.parts)]) if source.parts[-len(rel.parts):] == rel.parts else source.parent
+            yield Job(source, root, rel, output_dir.joinpath(*rel.parent.parts, name(rel.name)))
+        else:
+            t, source = tars[item], Path(item)
+            members = None if (t["all"] or tar_output) else frozenset(t["members"])
+            yield TarJob(source, source.parent, t["rel"], t["output"], members=members, to_tar=tar_output, redo=tar_output)
 
 
 # --- resuming -------------------------------------------------------------------------------------
@@ -241,17 +548,18 @@ def check_existing(job: Job, *, overwrite: bool, ours: Callable[[Path], bool]) -
     if not os.path.lexists(out):
         return None
     if out.is_dir() or out.is_symlink():
-        return FileResult(job.input, out, FAILED, f"output {out} exists and is a folder or a link; not replaced")
+        return FileResult(job.input, out, FAILED, f"output {out} exists and is a folder or a link; not replaced", job=job)
     if not ours(out):
         return FileResult(
             job.input,
             out,
             FAILED,
             f"output {out} exists and was not written by vqcli (an original?); not replaced",
+            job=job,
         )
     if overwrite:
         return None
-    return FileResult(job.input, out, SKIPPED, "exists")
+    return FileResult(job.input, out, SKIPPED, "exists", job=job)
 
 
 # --- batching and computing -----------------------------------------------------------------------
@@ -274,7 +582,9 @@ def batched(
     """Group items of equal ``key`` into lists of at most ``batch_size``; results pass through.
 
     At most ``max_pending`` items (default 4 batches) are held back waiting for partners; past that
-    the oldest group goes out as it is.
+    the oldest group goes out as it is. Items of different blocks (``Job.block``) never share a
+    batch: what waits goes out when the next block starts, so a block's batches are the same
+    whatever came before it (see ``number_blocks``).
     """
     if batch_size <= 1:
         for item in stream:
@@ -283,10 +593,14 @@ def batched(
     limit = max_pending or 4 * batch_size
     pending: dict[tuple, list[Item]] = {}
     held = 0
+    block = None
     for item in stream:
         if isinstance(item, FileResult):
             yield item
             continue
+        if item.job.block != block:
+            yield from pending.values()
+            pending, held, block = {}, 0, item.job.block
         group = pending.setdefault(item.key, [])
         group.append(item)
         held += 1
@@ -368,6 +682,7 @@ class EncodeOptions:
     overwrite: bool = False
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     max_memory: int | None = None  # bytes for one layer's work; None: from the free memory
+    tar_output: bool = False  # a tar shard's latents go into one tar, not a folder
 
 
 def encode_files(
@@ -378,22 +693,42 @@ def encode_files(
     *,
     dtype: torch.dtype = torch.float32,
     options: EncodeOptions = EncodeOptions(),
+    selection: Selection = Selection(),
 ) -> Iterator[FileResult]:
     """Encode every image among ``inputs`` into a latent file under ``output_dir``.
 
     ``model`` is ready for inference (``models.resolve_model``); ``ref`` names it in the files.
+    ``selection`` chooses this process's share, or takes the inputs from a manifest.
     """
     check_encode_options(model, options)
-    check_inputs(inputs, output_dir)
+    if selection.entries is None:
+        check_inputs(inputs, output_dir)
     seed = options.seed if options.seed is not None else (secrets.randbits(62) if options.sample else None)
+    # A draw is seeded per image, so it must not depend on the company in its batch.
+    batch_size = 1 if options.sample else options.batch_size
+
+    def make() -> Iterable[Job | FileResult]:
+        if selection.entries is not None:
+            return jobs_from_entries(selection.entries(), output_dir, name=encoded_name, tar_output=options.tar_output)
+        return image_jobs(inputs, output_dir, tar_output=options.tar_output)
+
+    jobs = select_jobs(make, selection, block_size(batch_size))
+    for into_tar, group in itertools.groupby(jobs, key=lambda j: isinstance(j, TarJob) and j.to_tar):
+        if into_tar:
+            for tar in group:
+                yield from _encode_into_tar(tar, model, ref, seed, batch_size, dtype, options)
+        else:
+            yield from _encode_stream(expand_tars(group, encoded_name), model, ref, seed, batch_size, dtype, options)
+
+
+def _encode_stream(jobs, model, ref, seed, batch_size, dtype, options, put=None) -> Iterator[FileResult]:
+    """Load, batch, encode and write the images of ``jobs`` (into files, or with ``put``)."""
     stream = each_job(
-        image_jobs(inputs, output_dir),
+        jobs,
         lambda job: prepare_image(job, model, max_pixels=options.max_pixels),
         overwrite=options.overwrite,
         ours=lat.is_latent_file,
     )
-    # A draw is seeded per image, so it must not depend on the company in its batch.
-    batch_size = 1 if options.sample else options.batch_size
     for batch in batched(stream, batch_size):
         if isinstance(batch, FileResult):
             yield batch
@@ -405,7 +740,46 @@ def encode_files(
         else:
             fn = _encode_fn(model.config.kind, sample=False, scaled=options.scaled, seed=None)
         for item, out, redone in compute(batch, fn, dtype, options.max_memory):
-            yield _finish_encode(item, out, redone, ref, options)
+            yield _finish_encode(item, out, redone, ref, options, put)
+
+
+def _encode_into_tar(tar: TarJob, model, ref, seed, batch_size, dtype, options) -> Iterator[FileResult]:
+    """Encode a tar shard's images into the tar ``tar.output`` (``shard.tar/KEY.jpg`` ->
+    ``KEY.jpg.safetensors`` in it). The tar appears whole, or not at all; its members' results
+    are given once it is there. An output tar that exists is skipped (resume) unless
+    ``--overwrite``, or ``tar.redo`` and it is vqcli's."""
+    out = tar.output
+    if os.path.lexists(out) and not (tar.redo and out.is_file() and tario.is_vqcli_tar(out)):
+        done = check_existing(tar, overwrite=options.overwrite, ours=tario.is_vqcli_tar)
+        if done is not None:
+            yield done
+            return
+    results: list[FileResult] = []
+    try:
+        with tario.write_tar(out, overwrite=os.path.lexists(out)) as sink:
+
+            def put(job: Job, data: bytes) -> None:
+                sink.add(job.output.relative_to(out).as_posix(), data, job.mtime)
+
+            for result in _encode_stream(member_jobs(tar, encoded_name), model, ref, seed, batch_size, dtype, options, put):
+                results.append(result)
+    except FileExistsError:
+        yield FileResult(tar.input, out, SKIPPED, "exists (written meanwhile by another run)", job=tar)
+        return
+    except OSError as e:
+        yield FileResult(tar.input, out, FAILED, f"cannot write {out} ({e.strerror or e})", job=tar)
+        return
+    yield from results
+
+
+def latent_bytes(tensor: torch.Tensor, meta: lat.LatentMeta) -> bytes:
+    """A latent file's bytes, as ``latents.write_latent`` writes them (for a member of a tar)."""
+    from safetensors.torch import save
+
+    stored = lat.to_storage(tensor, meta)
+    if tuple(stored.shape) != meta.latent_shape:
+        raise ValueError(f"latent shape {tuple(stored.shape)} does not match its metadata {meta.latent_shape}")
+    return save({lat.KEY: stored}, metadata=meta.to_metadata())
 
 
 def check_encode_options(model: AutoEncoder, options: EncodeOptions) -> None:
@@ -440,7 +814,7 @@ def each_job(jobs, prepare: Callable[[Job], Any], *, overwrite: bool, ours) -> I
 
 def prepare_image(job: Job, model: AutoEncoder, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Item:
     """Load an image, pad it to the model's factor and note its original size."""
-    rgb = load_image(job.input, max_pixels=max_pixels)
+    rgb = load_job_image(job, max_pixels=max_pixels)
     height, width = rgb.shape[:2]
     x = pad_to_multiple(to_model_input(rgb), lat.pad_factor(height, width, model.config.downsampling))
     return Item(job, x, key=tuple(x.shape), model=model, info={"width": width, "height": height})
@@ -460,7 +834,7 @@ def _encode_fn(kind: str, *, sample: bool, scaled: bool, seed: int | None):
     return encode
 
 
-def _finish_encode(item: Item, out, redone: bool, ref: ModelRef, options: EncodeOptions) -> FileResult:
+def _finish_encode(item: Item, out, redone: bool, ref: ModelRef, options: EncodeOptions, put=None) -> FileResult:
     job = item.job
     if isinstance(out, FileError):
         return _from_error(job, out)
@@ -476,6 +850,8 @@ def _finish_encode(item: Item, out, redone: bool, ref: ModelRef, options: Encode
         scaled=options.scaled,
         seed=item.info.get("seed"),
     )
+    if put is not None:
+        return _write(job, lambda: put(job, latent_bytes(out[0], meta)), redone, item.info)
     return _write(job, lambda: lat.write_latent(job.output, out[0], meta, overwrite=options.overwrite), redone, item.info)
 
 
@@ -484,11 +860,11 @@ def _write(job: Job, write: Callable[[], None], redone: bool, info: dict) -> Fil
         write()
     except FileExistsError as e:
         if os.path.lexists(job.output):  # the final rename found a file there: another run was quicker
-            return FileResult(job.input, job.output, SKIPPED, "exists (written meanwhile by another run)")
-        return FileResult(job.input, job.output, FAILED, f"cannot write {job.output} ({e.strerror or e})")
+            return FileResult(job.input, job.output, SKIPPED, "exists (written meanwhile by another run)", job=job)
+        return FileResult(job.input, job.output, FAILED, f"cannot write {job.output} ({e.strerror or e})", job=job)
     except OSError as e:
-        return FileResult(job.input, job.output, FAILED, f"cannot write {job.output} ({e.strerror or e})")
-    return FileResult(job.input, job.output, DONE, fallback_fp32=redone, info=info)
+        return FileResult(job.input, job.output, FAILED, f"cannot write {job.output} ({e.strerror or e})", job=job)
+    return FileResult(job.input, job.output, DONE, fallback_fp32=redone, info=info, job=job)
 
 
 # --- decoding -------------------------------------------------------------------------------------
@@ -558,14 +934,25 @@ def decode_files(
     *,
     dtype: torch.dtype = torch.float32,
     options: DecodeOptions = DecodeOptions(),
+    selection: Selection = Selection(),
 ) -> Iterator[FileResult]:
-    """Decode every latent file among ``inputs`` into an image under ``output_dir``."""
+    """Decode every latent file among ``inputs`` into an image under ``output_dir``.
+
+    ``selection`` chooses this process's share, or takes the inputs from a manifest.
+    """
     if options.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     decoded_name("x", options.fmt)  # validates the format
-    check_inputs(inputs, output_dir)
+    if selection.entries is None:
+        check_inputs(inputs, output_dir)
+
+    def make() -> Iterable[Job | FileResult]:
+        if selection.entries is not None:
+            return jobs_from_entries(selection.entries(), output_dir, name=lambda n: decoded_name(n, options.fmt))
+        return latent_jobs(inputs, output_dir, options.fmt)
+
     stream = each_job(
-        latent_jobs(inputs, output_dir, options.fmt),
+        select_jobs(make, selection, block_size(options.batch_size)),
         lambda job: prepare_latent(job, models),
         overwrite=options.overwrite,
         ours=written_by_vqcli,
