@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .blocks import full_precision
 from .coders import Decoder, Encoder
 from .errors import ConfigError, FileError
 from .fileio import atomic_path
@@ -206,7 +207,7 @@ class AutoEncoder(nn.Module):
     def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder output after quant_conv: (mean, logvar) for KL, pre-quantisation codes for VQ."""
         h = self.encoder(x)
-        return self.quant_conv(h) if self.config.use_quant_conv else h
+        return full_precision(self.quant_conv, h) if self.config.use_quant_conv else h
 
     def encode(
         self,
@@ -236,7 +237,7 @@ class AutoEncoder(nn.Module):
         if scaled:
             z = self.unscale(z)
         if self.config.use_post_quant_conv:
-            z = self.post_quant_conv(z)
+            z = full_precision(self.post_quant_conv, z)
         return self.decoder(z)
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,16 @@ def norm_swish(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     return F.silu(h)
 
 
+def full_precision(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` in float32 even under reduced-precision autocast: for the output layers (the
+    encoder's and decoder's conv_out, quant_conv, post_quant_conv), whose rounding would land
+    directly in the latents or pixels. They are a small share of the work: the cost is small."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return layer(x)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return layer(x.float())
+
+
 class ResnetBlock(nn.Module):
     """norm-swish-conv twice, plus a 1x1 ``nin_shortcut`` when the channel count changes."""
 

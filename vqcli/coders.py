@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .blocks import AttnBlock, Downsample, Normalize, ResnetBlock, Upsample, norm_swish
+from .blocks import AttnBlock, Downsample, Normalize, ResnetBlock, Upsample, full_precision, norm_swish
 
 Features = OrderedDict[str, torch.Tensor]
 
@@ -130,7 +130,7 @@ class Encoder(nn.Module):
         else:
             h = keep("norm_out", self.norm_out(h))
             h = keep("nonlinearity", torch.nn.functional.silu(h))
-        return keep("conv_out", self.conv_out(h))
+        return keep("conv_out", full_precision(self.conv_out, h))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x, None)
@@ -237,7 +237,7 @@ class Decoder(nn.Module):
         else:
             h = keep("norm_out", self.norm_out(h))
             h = keep("nonlinearity", torch.nn.functional.silu(h))
-        return keep("conv_out", self.conv_out(h))
+        return keep("conv_out", full_precision(self.conv_out, h))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self._run(z, None)

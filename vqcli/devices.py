@@ -39,10 +39,13 @@ def resolve_device(spec: str) -> torch.device:
     raise UsageError(f"unsupported device {spec!r} (use auto, cpu, cuda, cuda:N or mps)")
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """float32, bfloat16 or float16 (CUDA only: CPUs compute it slowly and inexactly)."""
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """float32, bfloat16 or float16 (CUDA only: CPUs compute it slowly and inexactly); ``auto`` is
+    None: the choice needs the model (``accel.choose_dtype``)."""
+    if name == "auto":
+        return None
     if name not in DTYPES:
-        raise UsageError(f"unknown dtype {name!r} (use {', '.join(DTYPES)})")
+        raise UsageError(f"unknown dtype {name!r} (use auto, {', '.join(DTYPES)})")
     if name == "float16" and device.type == "cpu":
         raise UsageError("--dtype float16 needs a GPU; on the CPU use bfloat16 or float32")
     return DTYPES[name]

@@ -92,7 +92,7 @@ def resolve_model(
     if ref.embedded and model.config.name != spec:
         model.config = model.config.replace(name=spec)
     device = torch.device(device)
-    return prepare_model(model, device, dtype)
+    return prepare_model(model, device, dtype or torch.float32)
 
 
 def load_model_file(

@@ -35,7 +35,9 @@ DeviceOpt = Annotated[
 DtypeOpt = Annotated[
     str,
     typer.Option(
-        "--dtype", help="Compute precision: float32, bfloat16 (CUDA, or CPUs with native bf16) or float16 (GPU only)."
+        "--dtype",
+        help="Compute precision: float32, bfloat16 (CUDA, or CPUs with native bf16), float16 (GPU only), or auto: "
+        "the fastest of these whose output on a check image stays within 40 dB PSNR of float32.",
     ),
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images of equal size computed together.")]
@@ -84,6 +86,22 @@ def setup_device(device: str, dtype: str):
 
     torch_device = resolve_device(device)
     return torch_device, resolve_dtype(dtype, torch_device)
+
+
+def settle_dtype(model, device, dtype):
+    """The dtype to compute ``model`` in: ``dtype`` as given, or for ``--dtype auto`` (None) the one
+    ``accel.choose_dtype`` measures as fastest within 40 dB of float32, said on stderr."""
+    from ..accel import choose_dtype
+
+    if dtype is not None:
+        return dtype
+    choice = choose_dtype(model, device)
+    err_console.print(choice.describe(), highlight=False)
+    return choice.dtype
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 # --- the run report -------------------------------------------------------------------------------

@@ -19,10 +19,12 @@ from .common import (
     PresetOpt,
     QuietOpt,
     RunReport,
+    dtype_name,
     epilog,
     help_text,
     parse_max_memory,
     run_report,
+    settle_dtype,
     setup_device,
 )
 
@@ -78,6 +80,7 @@ def decode(
     torch_device, torch_dtype = setup_device(device, dtype)
     if model is not None:
         ae = resolve_model(model, device=torch_device, dtype=torch_dtype, preset=preset)
+        torch_dtype = settle_dtype(ae, torch_device, torch_dtype)
         chooser = ModelChooser(ae, f"--model {model}", device=torch_device, dtype=torch_dtype)
         model_info = {"name": model, "sha256": ae.identity(), "kind": ae.config.kind}
     else:
@@ -87,7 +90,7 @@ def decode(
         batch_size=batch_size, fmt=fmt, quality=quality, overwrite=overwrite, max_memory=parse_max_memory(max_memory)
     )
     results = decode_files(inputs, output, chooser, dtype=torch_dtype, options=options)
-    extra = {"output": str(output), "model": model_info, "device": str(torch_device), "dtype": dtype, "format": fmt}
+    extra = {"output": str(output), "model": model_info, "device": str(torch_device), "dtype": dtype_name(torch_dtype), "format": fmt}
     report = RunReport(
         "decode",
         verb="decoded",

@@ -21,10 +21,12 @@ from .common import (
     PresetOpt,
     QuietOpt,
     RunReport,
+    dtype_name,
     epilog,
     help_text,
     parse_max_memory,
     run_report,
+    settle_dtype,
     setup_device,
 )
 
@@ -88,6 +90,7 @@ def encode(
     ae = resolve_model(
         model, device=torch_device, dtype=torch_dtype, preset=preset, scale_factor=scale_factor, shift_factor=shift_factor
     )
+    torch_dtype = settle_dtype(ae, torch_device, torch_dtype)
     ref = model_ref(model)
     options = EncodeOptions(
         batch_size=batch_size,
@@ -103,7 +106,7 @@ def encode(
         "output": str(output),
         "model": {"name": ref.name, "sha256": ae.identity(), "kind": ae.config.kind},
         "device": str(torch_device),
-        "dtype": dtype,
+        "dtype": dtype_name(torch_dtype),
     }
     report = RunReport(
         "encode",

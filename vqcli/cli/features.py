@@ -21,6 +21,7 @@ from .common import (
     QuietOpt,
     epilog,
     help_text,
+    settle_dtype,
     setup_device,
 )
 
@@ -85,6 +86,7 @@ def features(
             raise fail(f"{existing[0]}: already exists (use --overwrite to replace it)")
     torch_device, torch_dtype = setup_device(device, compute_dtype)
     ae = resolve_model(model, device=torch_device, dtype=torch_dtype, preset=preset)
+    torch_dtype = settle_dtype(ae, torch_device, torch_dtype)
     rgb = load_image(image, max_pixels=max_pixels or None)
     maps = select_layers(extract_features(ae, rgb, dtype=torch_dtype), layers or [])
     if not maps:

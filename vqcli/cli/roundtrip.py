@@ -21,9 +21,11 @@ from .common import (
     PresetOpt,
     QuietOpt,
     RunReport,
+    dtype_name,
     epilog,
     help_text,
     run_report,
+    settle_dtype,
     setup_device,
 )
 
@@ -67,6 +69,7 @@ def roundtrip(
     check_inputs(inputs, output)
     torch_device, torch_dtype = setup_device(device, dtype)
     ae = resolve_model(model, device=torch_device, dtype=torch_dtype, preset=preset)
+    torch_dtype = settle_dtype(ae, torch_device, torch_dtype)
     ref = model_ref(model)
     images: list[dict] = []
     mean: dict = {}
@@ -80,7 +83,7 @@ def roundtrip(
             "output": str(output),
             "model": {"name": ref.name, "sha256": ae.identity(), "kind": ae.config.kind},
             "device": str(torch_device),
-            "dtype": dtype,
+            "dtype": dtype_name(torch_dtype),
             "images": images,
             "mean": mean,
         },
