@@ -10,15 +10,30 @@ Reading always gives RGB as float32 in [0, 1], shape (H, W, 3), whatever the fil
   reduced to 8 bits per channel by Pillow (the models see 8-bit images in training anyway);
   32-bit float images are taken as [0, 1] and clipped, 32-bit integer images as 16-bit.
 
+A file's format is found from its content, never from its name: a PNG named ``.jpg`` is read as
+the PNG it is. Only the formats listed in ``READ_FORMATS`` are tried (those of
+``IMAGE_EXTENSIONS``), whatever else Pillow could open: a file of another format (EPS, which
+Pillow hands to Ghostscript; PSD, PCX...) is refused as "not an image ... in a format vqcli reads",
+whatever its name. The extension only decides which files a folder walk takes.
+
+Hostile files: images of more than ``max_pixels`` pixels (Pillow's decompression-bomb limit by
+default, ``--max-pixels`` on the command line) are refused from their header, before any pixel is
+decoded, with the size in the message; truncated or corrupt files of any format (whichever of
+the errors in ``_DECODER_ERRORS`` the decoder raises) are a ``FileError`` naming the file. Pillow's warnings about
+damaged files (corrupt EXIF, say) go to the log at debug level, not to the terminal.
+
 Writing marks each image as vqcli's (EXIF ``Software`` tag), so that a later run can tell the
 images it decoded, which it may replace, from anyone else's, which it never replaces.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import struct
 import threading
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +41,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import FileError
 from .fileio import atomic_path
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset(
     ".png .jpg .jpeg .jpe .jfif .webp .bmp .dib .gif .tif .tiff .ppm .pgm .pbm .pnm .tga .ico .qoi".split()
@@ -36,6 +53,16 @@ FORMAT_EXTENSIONS = {"png": (".png",), "jpg": (".jpg", ".jpeg", ".jpe", ".jfif")
 SOFTWARE_TAG = 0x0131  # EXIF "Software"
 SOFTWARE = "vqcli"
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# The Pillow formats of IMAGE_EXTENSIONS, the only ones tried when a file is opened ("JPEG" covers
+# the multi-picture JPEGs (MPO) cameras write; "PPM" the .pgm, .pbm and .pnm variants).
+READ_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "DIB", "GIF", "TIFF", "PPM", "TGA", "ICO", "QOI")
+# What Pillow's plugins and decoders raise on damaged data (besides OSError, their usual one): each
+# is that file's FileError. Types that would rather mean a bug in vqcli (TypeError, AttributeError)
+# are left out, so that a bug is not dressed up as a damaged file.
+_DECODER_ERRORS = (
+    OSError, SyntaxError, ValueError, EOFError, MemoryError, struct.error, zlib.error, IndexError,
+    ZeroDivisionError, OverflowError,
+)
 
 
 def is_image_path(path: str | os.PathLike) -> bool:
@@ -51,17 +78,19 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_
     path = Path(path)
     _allow_pillow(max_pixels)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with _open_unchecked(path) as im:
-                width, height = im.size
-                if width < 1 or height < 1:
-                    raise FileError(path, f"image has no pixels ({width}x{height})")
-                if max_pixels is not None and width * height > max_pixels:
-                    raise FileError(path, _too_large(width, height, max_pixels))
-                im.seek(0)
-                im.load()
-                return _to_rgb_float(ImageOps.exif_transpose(im))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                with _open_unchecked(path) as im:
+                    _check_size(path, im.size, max_pixels)
+                    im.seek(0)
+                    im.load()
+                    # a container (an ICO's embedded PNG) may hold a larger image than its header said
+                    _check_size(path, im.size, max_pixels)
+                    return _to_rgb_float(ImageOps.exif_transpose(im))
+            finally:
+                for w in caught:
+                    log.debug("%s: %s", path, w.message)
     except FileError:
         raise
     except IsADirectoryError:
@@ -71,11 +100,21 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_
     except PermissionError:
         raise FileError(path, "permission denied") from None
     except UnidentifiedImageError:
-        raise FileError(path, "not an image (or a format Pillow cannot read)") from None
+        raise FileError(
+            path, f"not an image, or a damaged one, in a format vqcli reads ({', '.join(READ_FORMATS)})"
+        ) from None
     except Image.DecompressionBombError as e:
         raise FileError(path, f"{_first_line(e)}; raise the limit with --max-pixels") from None
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
-        raise FileError(path, f"cannot decode image ({_first_line(e)})") from None
+    except _DECODER_ERRORS as e:
+        raise FileError(path, f"cannot decode image ({_first_line(e)[:200]})") from None
+
+
+def _check_size(path: Path, size: tuple[int, int], max_pixels: int | None) -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise FileError(path, f"image has no pixels ({width}x{height})")
+    if max_pixels is not None and width * height > max_pixels:
+        raise FileError(path, _too_large(width, height, max_pixels))
 
 
 def _too_large(width: int, height: int, max_pixels: int) -> str:
@@ -101,7 +140,7 @@ def _open_unchecked(path: Path) -> Image.Image:
         old = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None
         try:
-            return Image.open(path)
+            return Image.open(path, formats=READ_FORMATS)
         finally:
             Image.MAX_IMAGE_PIXELS = old
 
