@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ._app import app, err_console, fail, handle_errors, out_console
+from ._app import EXIT_INTERRUPTED, app, err_console, fail, handle_errors, out_console
 
 
 def _parse_mult(text: str) -> tuple[int, ...]:
@@ -21,6 +21,18 @@ def _parse_mult(text: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise typer.BadParameter("every multiplier must be a positive integer")
     return values
+
+
+def _interrupted(output: Path, last: dict, first_step: list[int], every: int) -> str:
+    """What an interrupted run leaves: the step it reached and the step its checkpoint holds."""
+    if "step" not in last:
+        return "interrupted before the first step; nothing saved"
+    step = last["step"]
+    saved = max(step // every * every, first_step[0])  # checkpoints are written before progress is reported
+    if saved == 0:
+        return f"interrupted at step {step}, before the first checkpoint (every {every} steps); nothing saved"
+    ckpt = output.with_name(output.name + ".ckpt")
+    return f"interrupted at step {step}; the checkpoint {ckpt} holds step {saved}: continue with --resume"
 
 
 @app.command(
@@ -158,10 +170,15 @@ def train(
                     soft_wrap=True,
                 )
 
-        model = run_training(
-            files, output, config, opts, device=torch_device, val=val_files,
-            resume=resume, resume_changes=dict(steps=steps, crop=crop, batch_size=batch_size), until=until, on_progress=on_progress
-        )
+        try:
+            model = run_training(
+                files, output, config, opts, device=torch_device, val=val_files,
+                resume=resume, resume_changes=dict(steps=steps, crop=crop, batch_size=batch_size), until=until, on_progress=on_progress
+            )
+        except KeyboardInterrupt:
+            bar.stop()
+            err_console.print(_interrupted(output, last, first_step, checkpoint_every), highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
     if model is None:
         err_console.print(f"stopped after step {last.get('step')}; continue with --resume")
         return
