@@ -1,0 +1,201 @@
+"""Shared helpers of the fault-injection tests: the installed command, tiny models, small images,
+snapshots of output folders, and a fault hook for child processes.
+
+The hook (``hook_env``) is a ``sitecustomize`` module put on the child's ``PYTHONPATH``: it wraps one
+function of the ``os`` module (``os.fsync``, which every atomic write calls once on its finished
+temporary file, or ``os.replace``) so that its Nth call writes a marker file and then sleeps. A
+test waits for the marker and kills or interrupts the child there: a fault in the middle of a
+write, every time, rather than by luck. Random kills at random moments come on top of that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vqcli import AutoEncoder, AutoEncoderConfig
+from vqcli.fileio import TMP_PREFIX
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLES = REPO / "sample_images"
+
+
+def _installed() -> str:
+    beside = Path(sys.executable).with_name("vqcli")  # the venv's script; a pyenv shim costs a shell
+    return str(beside) if beside.is_file() else (shutil.which("vqcli") or "")
+
+
+VQCLI = _installed()
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+ENV.pop("VQCLI_DEBUG", None)
+
+KL = AutoEncoderConfig(kind="kl", ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4)
+VQ = AutoEncoderConfig(kind="vq", ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, n_embed=64)
+# What `vqcli train` builds from these options: the same tiny KL architecture.
+TRAIN_TINY = ["--kind", "kl", "--ch", "32", "--ch-mult", "1,2", "--num-res-blocks", "1", "--z-channels", "4",
+              "--crop", "16", "--batch-size", "2", "--no-bf16", "--device", "cpu"]
+
+
+# --- models and images ----------------------------------------------------------------------------
+
+
+def save_model(path: Path, config: AutoEncoderConfig, seed: int) -> Path:
+    torch.manual_seed(seed)
+    model = AutoEncoder(config)
+    if config.kind == "vq":
+        with torch.no_grad():
+            model.quantize.embedding.weight.normal_(0, 0.3)
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("fault-models")
+    return {"kl": save_model(d / "kl.safetensors", KL, 0), "vq": save_model(d / "vq.safetensors", VQ, 1)}
+
+
+def photo(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A crop of a sample photograph, uint8 RGB."""
+    rgb = np.asarray(Image.open(SAMPLES / "astronaut.png").convert("RGB"))
+    y, x = (seed * 37) % (rgb.shape[0] - height), (seed * 53) % (rgb.shape[1] - width)
+    return rgb[y : y + height, x : x + width].copy()
+
+
+def write_image(path: Path, pixels: np.ndarray, **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, **kw)
+    return path
+
+
+def image_folder(folder: Path, n: int, size: int = 32, *, sub_every: int = 0) -> Path:
+    """``n`` small photographs; with ``sub_every`` every so many go into a subfolder."""
+    for i in range(n):
+        sub = f"s{i // sub_every}" if sub_every else ""
+        write_image(folder / sub / f"{i:03d}.png", photo(size, size, i))
+    return folder
+
+
+# --- running the command --------------------------------------------------------------------------
+
+
+def run(*args, env: dict | None = None, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    assert VQCLI, "the vqcli command is not installed"
+    return subprocess.run(
+        [VQCLI, *map(str, args)], capture_output=True, text=True, env={**ENV, **(env or {})}, timeout=timeout, **kw
+    )
+
+
+def start(*args, env: dict | None = None, **kw) -> subprocess.Popen:
+    """The command in the background, SIGINT at its default (as in a terminal: a background job of a
+    non-interactive shell starts with SIGINT ignored, and Python then never sees Ctrl-C)."""
+    assert VQCLI, "the vqcli command is not installed"
+    return subprocess.Popen(
+        [VQCLI, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**ENV, **(env or {})},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        **kw,
+    )
+
+
+HOOK = '''
+import os, sys, time
+_spec = os.environ.get("VQCLI_FAULT_AT")
+if _spec:
+    _name, _n = _spec.split(":")
+    _real = getattr(os, _name)
+    _calls = [0]
+    def _hooked(*a, **k):
+        _calls[0] += 1
+        if _calls[0] == int(_n):
+            with open(os.environ["VQCLI_FAULT_MARK"], "w") as f:
+                f.write(repr(a))
+            time.sleep(float(os.environ.get("VQCLI_FAULT_SLEEP", "60")))
+        return _real(*a, **k)
+    setattr(os, _name, _hooked)
+'''
+
+
+@pytest.fixture(scope="session")
+def hook_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("fault-hook")
+    (d / "sitecustomize.py").write_text(HOOK)
+    return d
+
+
+def hook_env(hook_dir: Path, mark: Path, at: str) -> dict:
+    """Environment that pauses the child at the ``at`` (``"fsync:2"``) call, after writing ``mark``."""
+    path = os.pathsep.join(p for p in (str(hook_dir), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, "VQCLI_FAULT_AT": at, "VQCLI_FAULT_MARK": str(mark)}
+
+
+def wait_for(condition, proc: subprocess.Popen | None = None, timeout: float = 120, poll: float = 0.005) -> bool:
+    """Poll ``condition()`` until true; False if the process ended or time ran out first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if proc is not None and proc.poll() is not None:
+            return bool(condition())
+        time.sleep(poll)
+    return False
+
+
+def kill(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.communicate(timeout=60)  # reaped: its pid is gone, as after any real crash
+
+
+def interrupt(proc: subprocess.Popen, timeout: float = 30) -> tuple[str, str, float]:
+    """Ctrl-C; the output and the seconds the process took to end after it."""
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=timeout)
+    return out, err, time.monotonic() - sent
+
+
+def rng(seed: int) -> random.Random:
+    return random.Random(seed)
+
+
+# --- output folders -------------------------------------------------------------------------------
+
+
+def snapshot(folder: Path) -> dict[str, tuple]:
+    """Each final file under ``folder``: (inode, mtime_ns, size, sha256). Temporaries left out."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and not any(part.startswith(TMP_PREFIX) for part in p.relative_to(folder).parts):
+            st = p.stat()
+            out[p.relative_to(folder).as_posix()] = (st.st_ino, st.st_mtime_ns, st.st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
+
+
+def finals(folder: Path, pattern: str) -> list[Path]:
+    """Files under ``folder`` matching ``pattern`` under their final names (temporaries left out)."""
+    return sorted(p for p in folder.rglob(pattern) if not p.name.startswith(TMP_PREFIX))
+
+
+def temporaries(folder: Path) -> list[str]:
+    """Every temporary file or folder anywhere under ``folder``."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob(f"{TMP_PREFIX}*"))
+
+
+def assert_untouched(before: dict, after: dict) -> None:
+    changed = [k for k in before if after.get(k) != before[k]]
+    assert not changed, f"finished files changed or vanished: {changed}"

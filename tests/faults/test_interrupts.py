@@ -1,0 +1,298 @@
+"""kill -9 and Ctrl-C during the installed ``vqcli encode``, ``decode``, ``train`` and ``convert``.
+
+After each kill every file under its final name is complete (read back and compared with the
+model called directly), files finished earlier are untouched (inode, mtime, bytes), and a re-run
+does only what is missing and leaves no temporary file anywhere. Each command is killed several
+times in a row, the first time in the middle of a write (the hook of ``conftest``), the others at
+random moments; the seeds are fixed so that a failure can be replayed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vqcli import AutoEncoder
+from vqcli.checkpoints import load_checkpoint
+from vqcli.images import written_by_vqcli
+from vqcli.latents import read_latent
+from vqcli.pipeline import EncodeOptions, encode_files
+from vqcli.models import model_ref
+
+from .conftest import (
+    KL,
+    TRAIN_TINY,
+    assert_untouched,
+    finals,
+    hook_env,
+    image_folder,
+    interrupt,
+    kill,
+    run,
+    save_model,
+    snapshot,
+    start,
+    temporaries,
+    wait_for,
+)
+
+KILLS = 3  # per command: one in the middle of a write, the others at random moments
+# Ctrl-C must end the process this soon: about a second on an idle machine (the step or batch under
+# way finishes, then the summary); the bound leaves room for a CI machine busy with other work.
+STOP_S = 5
+
+
+def _model(path: Path) -> AutoEncoder:
+    return AutoEncoder.load(path).eval()
+
+
+def _to_input(rgb: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1)[None] * 2 - 1
+
+
+def _check_latents(out: Path, src: Path, model: AutoEncoder) -> int:
+    """Every latent file in ``out`` is valid and holds the model's latent of its image; how many."""
+    files = finals(out, "*.png.safetensors")
+    for f in files:
+        latent = read_latent(f)  # the tool's full validation: header, sizes, metadata
+        rgb = np.asarray(Image.open(src / f.relative_to(out).as_posix()[: -len(".safetensors")]).convert("RGB"))
+        with torch.no_grad():
+            expected = model.encode(_to_input(rgb))[0]
+        torch.testing.assert_close(latent.tensor.float(), expected, atol=1e-4, rtol=1e-4)
+    return len(files)
+
+
+def _check_images(out: Path, latents: Path, model: AutoEncoder) -> int:
+    """Every image in ``out`` is complete, vqcli's, and the model's decoding of its latent; how many."""
+    files = finals(out, "*.png")
+    for f in files:
+        with Image.open(f) as im:
+            im.load()  # a truncated PNG fails here
+            pixels = np.asarray(im.convert("RGB")).astype(int)
+        assert written_by_vqcli(f)
+        z = read_latent(latents / (f.relative_to(out).as_posix() + ".safetensors")).tensor.float()
+        with torch.no_grad():
+            y = model.decode(z[None])[0].clamp(-1, 1)
+        expected = np.rint(((y + 1) / 2).permute(1, 2, 0).numpy() * 255).astype(int)
+        assert np.abs(pixels - expected).max() <= 1, f
+    return len(files)
+
+
+def _kill_runs(args: list, out: Path, *, hook_dir: Path, tmp_path: Path, seed: int, count, check, total: int) -> None:
+    """Start ``vqcli *args`` ``KILLS`` times, killing it each time: first paused inside its third
+    write, then after a random number of new outputs plus a random delay. After each kill: every
+    output complete (``check``), nothing finished before changed."""
+    r = random.Random(seed)
+    for i in range(KILLS):
+        before = snapshot(out) if out.exists() else {}
+        if i == 0:
+            mark = tmp_path / f"mark{i}"
+            proc = start(*args, env=hook_env(hook_dir, mark, "fsync:3"))
+            assert wait_for(mark.exists, proc), proc.communicate()
+        else:
+            proc = start(*args)
+            new = r.randint(0, 4)
+            wait_for(lambda: count() >= len(before) + new, proc)
+            time.sleep(r.uniform(0, 0.03))
+        kill(proc)
+        assert check() == count()
+        assert_untouched(before, snapshot(out))
+        if i == 0:  # what the next run must clean up: the write the kill cut short
+            assert temporaries(out), "the kill inside a write should have left its temporary file"
+        assert count() < total, "the run should have been killed part-way"
+
+
+@pytest.mark.slow
+def test_encode_killed_repeatedly_resumes_and_leaves_nothing_behind(tmp_path, models, hook_dir):
+    src = image_folder(tmp_path / "in", 40, sub_every=10)
+    out = tmp_path / "lat"
+    model = _model(models["kl"])
+    inputs_before = snapshot(src)
+    args = ["encode", src, "-o", out, "--model", models["kl"], "--quiet"]
+    count = lambda: len(finals(out, "*.png.safetensors"))  # noqa: E731
+    _kill_runs(args, out, hook_dir=hook_dir, tmp_path=tmp_path, seed=1, count=count,
+               check=lambda: _check_latents(out, src, model), total=40)
+    before = snapshot(out)
+    p = run("encode", src, "-o", out, "--model", models["kl"], "--json")
+    assert p.returncode == 0, p.stderr
+    s = json.loads(p.stdout)
+    assert (s["skipped"], s["done"], s["failed"]) == (len(before), 40 - len(before), 0)
+    assert temporaries(out) == []
+    assert_untouched(before, snapshot(out))
+    assert _check_latents(out, src, model) == 40
+    assert_untouched(inputs_before, snapshot(src))
+
+
+def _latents(tmp_path: Path, models, n: int) -> tuple[Path, Path]:
+    """Images and their latent files, written in-process (the decode tests' inputs)."""
+    src = image_folder(tmp_path / "in", n, sub_every=10)
+    lat = tmp_path / "lat"
+    ae = _model(models["kl"])
+    results = list(encode_files([src], lat, ae, model_ref(str(models["kl"])), options=EncodeOptions()))
+    assert all(r.status == "done" for r in results) and len(results) == n
+    return src, lat
+
+
+@pytest.mark.slow
+def test_decode_killed_repeatedly_resumes_and_leaves_nothing_behind(tmp_path, models, hook_dir):
+    _, lat = _latents(tmp_path, models, 40)
+    out = tmp_path / "rec"
+    model = _model(models["kl"])
+    args = ["decode", lat, "-o", out, "--model", models["kl"], "--quiet"]
+    count = lambda: len(finals(out, "*.png"))  # noqa: E731
+    _kill_runs(args, out, hook_dir=hook_dir, tmp_path=tmp_path, seed=2, count=count,
+               check=lambda: _check_images(out, lat, model), total=40)
+    before = snapshot(out)
+    p = run("decode", lat, "-o", out, "--model", models["kl"], "--json")
+    assert p.returncode == 0, p.stderr
+    s = json.loads(p.stdout)
+    assert (s["skipped"], s["done"], s["failed"]) == (len(before), 40 - len(before), 0)
+    assert temporaries(out) == []
+    assert_untouched(before, snapshot(out))
+    assert _check_images(out, lat, model) == 40
+
+
+def _ckpt_step(path: Path) -> int:
+    state = torch.load(path, map_location="cpu", weights_only=True)  # loadable the safe way, or this fails
+    return int(state["step"])
+
+
+@pytest.mark.slow
+def test_train_killed_and_interrupted_resumes_to_the_same_model(tmp_path, hook_dir):
+    """Killed inside a checkpoint write, killed at a random moment, then Ctrl-C, each time resumed
+    from the checkpoint: the final model is exactly the one an uninterrupted run makes."""
+    data = image_folder(tmp_path / "data", 3, size=48)
+    out = tmp_path / "m" / "model.safetensors"
+    ckpt = out.with_name(out.name + ".ckpt")
+    steps = 30
+    base = ["train", data, "-o", out, "--steps", steps, "--checkpoint-every", 1, "--val-every", 1000, *TRAIN_TINY]
+    r = random.Random(3)
+    for i in range(3):
+        resume = ckpt.exists()
+        first = _ckpt_step(ckpt) if resume else 0
+        args = [*base, "--resume"] if resume else base
+        if i == 0:
+            mark = tmp_path / "mark"
+            proc = start(*args, env=hook_env(hook_dir, mark, "fsync:3"))  # inside the third checkpoint write
+            assert wait_for(mark.exists, proc), proc.communicate()
+        else:
+            inode = ckpt.stat().st_ino if ckpt.exists() else None
+            proc = start(*args)
+            # after at least one new checkpoint (each is a new file renamed into place), a random moment
+            assert wait_for(lambda: ckpt.exists() and ckpt.stat().st_ino != inode, proc), proc.communicate()
+            time.sleep(r.uniform(0, 0.3))
+        if i < 2:
+            kill(proc)
+        else:
+            _, stderr, seconds = interrupt(proc)
+            assert proc.returncode == 130 and seconds < STOP_S, stderr
+            last = stderr.strip().splitlines()[-1]
+            assert "Traceback" not in stderr and f"the checkpoint {ckpt} holds step {_ckpt_step(ckpt)}" in last, last
+            assert last.endswith("continue with --resume")
+        assert not out.exists(), "the run should have been stopped before the end"
+        step = _ckpt_step(ckpt)  # loadable with weights_only, or this fails
+        assert first < step < steps
+        if i == 0:
+            assert step == 2 and temporaries(out.parent)
+    step = _ckpt_step(ckpt)
+    p = run(*base, "--resume")
+    assert p.returncode == 0, p.stderr
+    logged = [int(m) for m in re.findall(r"^step (\d+)/", p.stderr, re.M)]
+    assert logged[0] == step + 1 and logged[-1] == steps  # only what was missing
+    assert temporaries(out.parent) == []
+    resumed = AutoEncoder.load(out)
+    p = run(*[a if a != out else tmp_path / "ref.safetensors" for a in base])
+    assert p.returncode == 0, p.stderr
+    reference = AutoEncoder.load(tmp_path / "ref.safetensors")
+    assert resumed.identity() == reference.identity()
+
+
+@pytest.mark.slow
+def test_convert_killed_inside_its_writes(tmp_path, models, hook_dir):
+    """A vqcli file, a new diffusers folder, and the replacement of an existing diffusers folder,
+    each killed in the middle: nothing half-written is ever visible, the re-run completes it, and a
+    replacement cut short gives the previous model back."""
+    src, other = models["kl"], save_model(tmp_path / "other.safetensors", KL, 5)
+    identity = lambda p: load_checkpoint(p).identity()  # noqa: E731
+
+    # a single file, killed after writing its temporary file, before the rename
+    target = tmp_path / "out" / "half.safetensors"
+    proc = start("convert", src, "-o", target, "--dtype", "float16", env=hook_env(hook_dir, tmp_path / "m1", "fsync:1"))
+    assert wait_for((tmp_path / "m1").exists, proc), proc.communicate()
+    kill(proc)
+    assert not target.exists() and temporaries(target.parent)
+    p = run("convert", src, "-o", target, "--dtype", "float16")
+    assert p.returncode == 0, p.stderr
+    assert temporaries(target.parent) == []
+    converted = load_checkpoint(target).state_dict()
+    for k, v in _model(src).state_dict().items():
+        assert torch.equal(converted[k], v.half().float()), k
+
+    # a diffusers folder, killed between its two files
+    folder = tmp_path / "out" / "diffusers"
+    proc = start("convert", src, "-o", folder, "--to", "diffusers", env=hook_env(hook_dir, tmp_path / "m2", "fsync:1"))
+    assert wait_for((tmp_path / "m2").exists, proc), proc.communicate()
+    kill(proc)
+    assert not folder.exists() and temporaries(folder.parent)
+    p = run("convert", src, "-o", folder, "--to", "diffusers")
+    assert p.returncode == 0, p.stderr
+    assert temporaries(folder.parent) == [] and identity(folder) == identity(src)
+
+    # replacing it, killed after the old folder was moved aside and before the new one took its place
+    env = hook_env(hook_dir, tmp_path / "m3", "replace:2")
+    proc = start("convert", other, "-o", folder, "--to", "diffusers", "--overwrite", env=env)
+    assert wait_for((tmp_path / "m3").exists, proc), proc.communicate()
+    kill(proc)
+    assert not folder.exists()
+    p = run("convert", other, "-o", folder, "--to", "diffusers")  # no --overwrite: the old model comes back
+    assert p.returncode == 1 and "already exists" in p.stderr and "Traceback" not in p.stderr
+    assert identity(folder) == identity(src) and temporaries(folder.parent) == []
+    p = run("convert", other, "-o", folder, "--to", "diffusers", "--overwrite")
+    assert p.returncode == 0, p.stderr
+    assert identity(folder) == identity(other) and temporaries(folder.parent) == []
+
+
+# --- Ctrl-C ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ctrl_c_inside_a_write_stops_at_once_and_resumes(tmp_path, models, hook_dir):
+    """Ctrl-C while a decoded image is being written: exit 130 within STOP_S seconds, the summary
+    says what was done, that image's temporary file is gone, and the re-run does the rest."""
+    _, lat = _latents(tmp_path, models, 12)
+    out = tmp_path / "rec"
+    mark = tmp_path / "mark"
+    proc = start("decode", lat, "-o", out, "--model", models["kl"], "--json", env=hook_env(hook_dir, mark, "fsync:3"))
+    assert wait_for(mark.exists, proc), proc.communicate()
+    stdout, stderr, seconds = interrupt(proc)
+    assert proc.returncode == 130, stderr
+    assert seconds < STOP_S
+    s = json.loads(stdout)
+    assert s["interrupted"] is True and (s["done"], s["failed"]) == (2, 0)
+    assert temporaries(out) == []  # removed by the interrupted run itself
+    before = snapshot(out)
+    assert len(before) == 2 and _check_images(out, lat, _model(models["kl"])) == 2
+    p = run("decode", lat, "-o", out, "--model", models["kl"], "--json")
+    assert p.returncode == 0, p.stderr
+    assert (json.loads(p.stdout)["skipped"], json.loads(p.stdout)["done"]) == (2, 10)
+    assert_untouched(before, snapshot(out))
+
+
+@pytest.mark.slow
+def test_ctrl_c_inside_convert_writes_nothing(tmp_path, models, hook_dir):
+    folder = tmp_path / "out" / "diffusers"
+    mark = tmp_path / "mark"
+    proc = start("convert", models["kl"], "-o", folder, "--to", "diffusers", env=hook_env(hook_dir, mark, "fsync:1"))
+    assert wait_for(mark.exists, proc), proc.communicate()
+    _, stderr, seconds = interrupt(proc)
+    assert proc.returncode == 130 and seconds < STOP_S, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert not folder.exists() and temporaries(folder.parent) == []
