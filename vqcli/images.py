@@ -19,8 +19,8 @@ whatever its name. The extension only decides which files a folder walk takes.
 Hostile files: images of more than ``max_pixels`` pixels (Pillow's decompression-bomb limit by
 default, ``--max-pixels`` on the command line) are refused from their header, before any pixel is
 decoded, with the size in the message; truncated or corrupt files of any format (whichever of
-the errors in ``_DECODER_ERRORS`` the decoder raises) are a ``FileError`` naming the file. Pillow's warnings about
-damaged files (corrupt EXIF, say) go to the log at debug level, not to the terminal.
+the errors in ``_DECODER_ERRORS`` the decoder raises) are a ``FileError`` naming the file. Pillow's
+warnings about damaged files (corrupt EXIF, say) are not shown.
 
 Writing marks each image as vqcli's (EXIF ``Software`` tag), so that a later run can tell the
 images it decoded, which it may replace, from anyone else's, which it never replaces.
@@ -28,7 +28,8 @@ images it decoded, which it may replace, from anyone else's, which it never repl
 
 from __future__ import annotations
 
-import logging
+import contextlib
+import io
 import os
 import struct
 import threading
@@ -41,8 +42,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import FileError
 from .fileio import atomic_path
-
-log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset(
     ".png .jpg .jpeg .jpe .jfif .webp .bmp .dib .gif .tif .tiff .ppm .pgm .pbm .pnm .tga .ico .qoi".split()
@@ -76,21 +75,26 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_
     are decoded (``None`` lifts the limit). Safe to call from several threads at once.
     """
     path = Path(path)
+    return _load(path, path, max_pixels)
+
+
+def load_image_bytes(data: bytes, path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """An image held in memory (an archive's member, say), read exactly as ``load_image`` reads a
+    file, with the same checks; errors name ``path``."""
+    return _load(io.BytesIO(data), Path(path), max_pixels)
+
+
+def _load(source: Path | io.BytesIO, path: Path, max_pixels: int | None) -> np.ndarray:
     _allow_pillow(max_pixels)
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                with _open_unchecked(path) as im:
-                    _check_size(path, im.size, max_pixels)
-                    im.seek(0)
-                    im.load()
-                    # a container (an ICO's embedded PNG) may hold a larger image than its header said
-                    _check_size(path, im.size, max_pixels)
-                    return _to_rgb_float(ImageOps.exif_transpose(im))
-            finally:
-                for w in caught:
-                    log.debug("%s: %s", path, w.message)
+        with _pillow_warnings_off():
+            with _open_unchecked(source) as im:
+                _check_size(path, im.size, max_pixels)
+                im.seek(0)
+                im.load()
+                # a container (an ICO's embedded PNG) may hold a larger image than its header said
+                _check_size(path, im.size, max_pixels)
+                return _to_rgb_float(ImageOps.exif_transpose(im))
     except FileError:
         raise
     except IsADirectoryError:
@@ -132,7 +136,7 @@ def _first_line(e: BaseException) -> str:
 _pillow_lock = threading.Lock()
 
 
-def _open_unchecked(path: Path) -> Image.Image:
+def _open_unchecked(path: Path | io.BytesIO) -> Image.Image:
     """``Image.open`` (which reads the header only) without Pillow's bomb check, so that ours can
     name the image's size. Pillow's limit is a process-wide setting: it is lifted only for the
     duration of the header parse, under a lock."""
@@ -143,6 +147,38 @@ def _open_unchecked(path: Path) -> Image.Image:
             return Image.open(path, formats=READ_FORMATS)
         finally:
             Image.MAX_IMAGE_PIXELS = old
+
+
+_quiet_lock = threading.Lock()
+_quiet: list = []  # [the catch_warnings context, the number of loads in progress]
+
+
+@contextlib.contextmanager
+def _pillow_warnings_off():
+    """Pillow's warnings (corrupt EXIF, an ICO not of the size it said, decompression bombs) are not
+    shown while images load: a damaged file gets its one-line error, or loads, and nothing else.
+
+    ``warnings.catch_warnings`` is process-wide and not thread-safe when nested from several
+    threads, so the first load in progress installs the filter and the last one restores the
+    warnings as they were.
+    """
+    with _quiet_lock:
+        if not _quiet:
+            context = warnings.catch_warnings()
+            context.__enter__()
+            warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            _quiet.extend([context, 0])
+        _quiet[1] += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet[1] -= 1
+            if _quiet[1] == 0:
+                context = _quiet[0]
+                _quiet.clear()
+                context.__exit__(None, None, None)
 
 
 def _allow_pillow(max_pixels: int | None) -> None:
