@@ -13,8 +13,8 @@ Reading always gives RGB as float32 in [0, 1], shape (H, W, 3), whatever the fil
 A file's format is found from its content, never from its name: a PNG named ``.jpg`` is read as
 the PNG it is. Only the formats listed in ``READ_FORMATS`` are tried (those of
 ``IMAGE_EXTENSIONS``), whatever else Pillow could open: a file of another format (EPS, which
-Pillow hands to Ghostscript; PSD, PCX...) is refused as "not an image ... in a format vqcli reads",
-whatever its name. The extension only decides which files a folder walk takes.
+Pillow hands to Ghostscript; PSD, PCX...) is refused, its format named ("a PCX file, not an image
+format vqcli reads"), whatever its name. The extension only decides which files a folder walk takes.
 
 Hostile files: images of more than ``max_pixels`` pixels (Pillow's decompression-bomb limit by
 default, ``--max-pixels`` on the command line) are refused from their header, before any pixel is
@@ -104,13 +104,36 @@ def _load(source: Path | io.BytesIO, path: Path, max_pixels: int | None) -> np.n
     except PermissionError:
         raise FileError(path, "permission denied") from None
     except UnidentifiedImageError:
-        raise FileError(
-            path, f"not an image, or a damaged one, in a format vqcli reads ({', '.join(READ_FORMATS)})"
-        ) from None
+        if _is_empty(source):
+            raise FileError(path, "empty file (0 bytes), not an image") from None
+        other = _other_format(source)
+        if other is not None:
+            raise FileError(
+                path, f"a {other} file, not an image format vqcli reads ({', '.join(READ_FORMATS)})"
+            ) from None
+        raise FileError(path, "not an image (or a format Pillow cannot read)") from None
     except Image.DecompressionBombError as e:
         raise FileError(path, f"{_first_line(e)}; raise the limit with --max-pixels") from None
     except _DECODER_ERRORS as e:
         raise FileError(path, f"cannot decode image ({_first_line(e)[:200]})") from None
+
+
+def _other_format(source: Path | io.BytesIO) -> str | None:
+    """The format Pillow finds in a file vqcli does not read (its header only is parsed), if any."""
+    try:
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+        with _pillow_warnings_off(), _open_unchecked(source, formats=None) as im:
+            return im.format
+    except Exception:  # noqa: BLE001 - only to name the format in a message; anything else: unknown
+        return None
+
+
+def _is_empty(source: Path | io.BytesIO) -> bool:
+    try:
+        return source.stat().st_size == 0 if isinstance(source, Path) else not source.getbuffer().nbytes
+    except OSError:
+        return False
 
 
 def _check_size(path: Path, size: tuple[int, int], max_pixels: int | None) -> None:
@@ -136,7 +159,7 @@ def _first_line(e: BaseException) -> str:
 _pillow_lock = threading.Lock()
 
 
-def _open_unchecked(path: Path | io.BytesIO) -> Image.Image:
+def _open_unchecked(path: Path | io.BytesIO, formats: tuple[str, ...] | None = READ_FORMATS) -> Image.Image:
     """``Image.open`` (which reads the header only) without Pillow's bomb check, so that ours can
     name the image's size. Pillow's limit is a process-wide setting: it is lifted only for the
     duration of the header parse, under a lock."""
@@ -144,7 +167,7 @@ def _open_unchecked(path: Path | io.BytesIO) -> Image.Image:
         old = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None
         try:
-            return Image.open(path, formats=READ_FORMATS)
+            return Image.open(path, formats=formats)
         finally:
             Image.MAX_IMAGE_PIXELS = old
 
