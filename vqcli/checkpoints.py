@@ -50,7 +50,7 @@ from .autoencoder import FORMAT as NATIVE_FORMAT
 from .autoencoder import AutoEncoder, AutoEncoderConfig, load_strict
 from .devices import DTYPES
 from .errors import ConfigError, FileError, UsageError
-from .fileio import current_umask, make_temp_dir
+from .fileio import as_os_error, current_umask, make_temp_dir
 from .layouts import DIFFUSERS, detect_layout, select_autoencoder, to_diffusers, to_original
 from .native import check_weights, read_native, read_safetensors_header, short_name
 from .presets import EMBEDDED, architecture_key, attention_levels, get_preset, guess_preset, preset_with_factors
@@ -887,8 +887,11 @@ def save_diffusers(model: AutoEncoder, folder: str | os.PathLike, *, overwrite: 
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        error = as_os_error(e, final) if isinstance(e, Exception) and not isinstance(e, OSError) else None
+        if error is not None:  # safetensors' own error for a failed write (a full disk)
+            raise error from e
         raise
 
 

@@ -186,7 +186,7 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
             os.link(tmp, final)
             tmp.unlink()
     except Exception as e:
-        translated = None if isinstance(e, OSError) else _write_error(e, final)
+        translated = None if isinstance(e, OSError) else as_os_error(e, final)
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         if translated is not None:
@@ -213,7 +213,7 @@ def make_temp_dir(parent: str | os.PathLike, *, old: bool = False) -> Path:
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust's io::Error shows itself (safetensors)
 
 
-def _write_error(e: Exception, path: Path) -> OSError | None:
+def as_os_error(e: Exception, path: Path) -> OSError | None:
     """The ``OSError`` behind a writer library's own exception, or None when it is not one."""
     text = str(e)
     m = _OS_ERROR.search(text)
@@ -221,9 +221,10 @@ def _write_error(e: Exception, path: Path) -> OSError | None:
         code = int(m.group(1))
         return OSError(code, os.strerror(code), str(path))
     if isinstance(e, RuntimeError) and "unexpected pos" in text:
-        # torch.save's writer found a short write and says no more; a full disk is the usual cause
-        code = errno.ENOSPC if _free_bytes(path.parent) < 1 << 20 else errno.EIO
-        return OSError(code, os.strerror(code), str(path))
+        # torch.save's writer found a short write and says no more: a full disk, or a file size limit
+        if _free_bytes(path.parent) < 1 << 20:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return OSError(errno.EIO, "the write stopped short (a file size limit?)", str(path))
     return None
 
 

@@ -49,7 +49,7 @@ from . import shards, tario
 from .accel import compute_context, memory_format_for
 from .autoencoder import AutoEncoder
 from .errors import FileError, UsageError, VqcliError
-from .fileio import TMP_PREFIX
+from .fileio import TMP_PREFIX, is_out_of_space, sweep_stale
 from .images import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, format_matches, is_image_path, load_image, save_image
 from .images import written_by_vqcli
 from .manifest import Entry
@@ -113,6 +113,15 @@ class MemberJob(Job):
     member: PurePosixPath = PurePosixPath()
     mtime: int = 0
     data: bytes = field(default=b"", repr=False, compare=False)
+
+
+class StopRun(VqcliError):
+    """A fault after which no later file can succeed either (the disk is full): ``result`` is the
+    file it happened to. The pipeline raises it and stops; the files not reached are left to a re-run."""
+
+    def __init__(self, result: FileResult):
+        super().__init__(result.message)
+        self.result = result
 
 
 def _failed(path: Path, reason: str, output: Path | None = None) -> FileResult:
@@ -802,6 +811,7 @@ def each_job(jobs, prepare: Callable[[Job], Any], *, overwrite: bool, ours) -> I
         if isinstance(job, FileResult):
             yield job
             continue
+        sweep_stale(job.output.parent)  # what killed runs left there (once per folder)
         done = check_existing(job, overwrite=overwrite, ours=ours)
         if done is not None:
             yield done
@@ -863,7 +873,10 @@ def _write(job: Job, write: Callable[[], None], redone: bool, info: dict) -> Fil
             return FileResult(job.input, job.output, SKIPPED, "exists (written meanwhile by another run)", job=job)
         return FileResult(job.input, job.output, FAILED, f"cannot write {job.output} ({e.strerror or e})", job=job)
     except OSError as e:
-        return FileResult(job.input, job.output, FAILED, f"cannot write {job.output} ({e.strerror or e})", job=job)
+        result = FileResult(job.input, job.output, FAILED, f"cannot write {job.output} ({e.strerror or e})", job=job)
+        if is_out_of_space(e):
+            raise StopRun(result) from e
+        return result
     return FileResult(job.input, job.output, DONE, fallback_fp32=redone, info=info, job=job)
 
 

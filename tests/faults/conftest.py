@@ -48,6 +48,16 @@ TRAIN_TINY = ["--kind", "kl", "--ch", "32", "--ch-mult", "1,2", "--num-res-block
               "--crop", "16", "--batch-size", "2", "--no-bf16", "--device", "cpu"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process work on one thread, as the children get (OMP_NUM_THREADS=1): with two threads on a
+    busy two-core machine, OpenMP's waiting threads burn thirty times the CPU of the work itself."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # --- models and images ----------------------------------------------------------------------------
 
 

@@ -65,6 +65,10 @@ def handle_errors(fn: Callable) -> Callable:
             if os.environ.get("VQCLI_DEBUG"):
                 raise
             raise fail(str(e), EXIT_SOME_FAILED) from None
+        except OSError as e:  # a write that failed (a full disk, say): one line naming the file
+            if os.environ.get("VQCLI_DEBUG"):
+                raise
+            raise fail(f"{e.filename}: {e.strerror or e}" if e.filename else str(e), EXIT_SOME_FAILED) from None
 
     return wrapper
 

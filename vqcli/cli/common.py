@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from ..pipeline import DONE, FAILED, SKIPPED, FileResult
+from ..pipeline import DONE, FAILED, SKIPPED, FileResult, StopRun
 from ._app import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, err_console, out_console
 
 # --- options --------------------------------------------------------------------------------------
@@ -235,7 +235,7 @@ def run_report(report: RunReport, results) -> None:
     """Feed ``results`` into ``report``, print the summary and exit with its code.
 
     Ctrl-C stops the run between files: what was finished stays finished (each file is written
-    atomically), the summary says so, and the exit code is 130.
+    atomically), the summary says so, and the exit code is 130. A full disk stops it too (exit 1).
     """
     try:
         with report:
@@ -243,6 +243,14 @@ def run_report(report: RunReport, results) -> None:
                 report.add(result)
     except KeyboardInterrupt:
         report.interrupted = True
+    except StopRun as e:  # the disk is full: every later file would fail the same way
+        report.add(e.result)
+        report.extra["stopped"] = "disk full"
+        err_console.print(
+            "stopped: the disk is full; free some space and run the same command again to do the rest",
+            highlight=False,
+            soft_wrap=True,
+        )
     raise typer.Exit(report.finish())
 
 

@@ -1,0 +1,201 @@
+"""A full disk: a clear one-line error naming the file, no partial or temporary file, the inputs
+untouched, and the run stops (every later file would fail the same way) with exit code 1; a re-run
+after freeing space does the rest.
+
+Two ways to fill a disk. Simulated (always runs, in-process): the writers themselves, safetensors'
+``save_file`` (latents) and Pillow's ``Image.save`` (images), write into the temporary file until a
+byte budget is spent and then fail exactly as they do on a full disk (safetensors raises its own
+``SafetensorError`` naming ``os error 28``, Pillow an ``OSError`` with ``ENOSPC``; both observed on a
+real full tmpfs). Real (when this machine lets the test mount a small tmpfs, as root can): every
+writer of ``encode``, ``decode``, ``train`` (``torch.save``) and ``convert``, unmodified.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from vqcli.cli import app
+from vqcli.latents import read_latent
+
+from .conftest import TRAIN_TINY, assert_untouched, finals, image_folder, run, snapshot, temporaries
+
+runner = CliRunner()
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+class FullDisk:
+    """Writers that fail like a disk with ``free`` bytes left (a byte budget over all files)."""
+
+    def __init__(self, monkeypatch, free: int):
+        import safetensors.torch
+
+        self.free = free
+        self.failed: list[str] = []
+        save_bytes = safetensors.torch.save
+        real_image_save = Image.Image.save
+
+        def save_file(tensors, filename, metadata=None):
+            self._write(filename, save_bytes(tensors, metadata=metadata), rust=True)
+
+        def image_save(im, fp, format=None, **params):
+            if not isinstance(fp, (str, os.PathLike)):
+                return real_image_save(im, fp, format, **params)
+            buffer = io.BytesIO()
+            real_image_save(im, buffer, format, **params)
+            self._write(fp, buffer.getvalue(), rust=False)
+
+        monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+        monkeypatch.setattr(Image.Image, "save", image_save)
+
+    def _write(self, filename, data: bytes, *, rust: bool) -> None:
+        n = min(len(data), self.free)
+        with open(filename, "wb") as f:
+            f.write(data[:n])
+        self.free -= n
+        if n < len(data):
+            self.failed.append(os.fspath(filename))
+            if rust:
+                from safetensors import SafetensorError
+
+                raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _expect_stopped(r, out: Path, pattern: str, total: int) -> dict:
+    """The run stopped at its third file: two complete outputs, one failure line, exit 1."""
+    assert r.exit_code == 1, r.output
+    s = json.loads(r.stdout)
+    assert s["stopped"] == "disk full" and (s["done"], s["failed"], s["total"]) == (2, 1, 3)
+    (failure,) = s["failures"]
+    output = out / (Path(failure["path"]).name + pattern)
+    assert failure["reason"] == f"cannot write {output} (No space left on device)"
+    lines = r.stderr.strip().splitlines()
+    assert lines == [f"{failure['path']}: {failure['reason']}", lines[1]] and lines[1].startswith("stopped: the disk is full")
+    assert len(finals(out, "*")) == 2 and temporaries(out) == []
+    assert total > 3  # files were left for the re-run
+    return s
+
+
+def test_simulated_full_disk_stops_encode_cleanly(tmp_path, models, monkeypatch):
+    src = image_folder(tmp_path / "in", 6)
+    inputs = snapshot(src)
+    out = tmp_path / "lat"
+    r = cli("encode", src, "-o", out, "--model", models["kl"], "--json")  # one latent file's size, to set the budget
+    size = (out / "000.png.safetensors").stat().st_size
+    for f in finals(out, "*"):
+        f.unlink()
+    disk = FullDisk(monkeypatch, free=int(2.5 * size))
+    r = cli("encode", src, "-o", out, "--model", models["kl"], "--json")
+    _expect_stopped(r, out, ".safetensors", 6)
+    assert disk.failed and all(Path(f).name.startswith(".vqcli-tmp-") for f in disk.failed)
+    for f in finals(out, "*"):
+        read_latent(f)
+    before = snapshot(out)
+    monkeypatch.undo()  # space freed
+    r = cli("encode", src, "-o", out, "--model", models["kl"], "--json")
+    assert r.exit_code == 0, r.output
+    assert (json.loads(r.stdout)["done"], json.loads(r.stdout)["skipped"]) == (4, 2)
+    assert_untouched(before, snapshot(out))
+    assert_untouched(inputs, snapshot(src))
+
+
+def test_simulated_full_disk_stops_decode_cleanly(tmp_path, models, monkeypatch):
+    src = image_folder(tmp_path / "in", 6)
+    lat = tmp_path / "lat"
+    assert cli("encode", src, "-o", lat, "--model", models["kl"]).exit_code == 0
+    latents = snapshot(lat)
+    out = tmp_path / "rec"
+    assert cli("decode", lat / "000.png.safetensors", "-o", out, "--model", models["kl"]).exit_code == 0
+    size = (out / "000.png").stat().st_size
+    (out / "000.png").unlink()
+    FullDisk(monkeypatch, free=int(2.5 * size))
+    r = cli("decode", lat, "-o", out, "--model", models["kl"], "--json")
+    s = json.loads(r.stdout)
+    assert r.exit_code == 1 and s["stopped"] == "disk full" and (s["done"], s["failed"]) == (2, 1), r.output
+    assert s["failures"][0]["reason"] == f"cannot write {out / '002.png'} (No space left on device)"
+    for f in finals(out, "*"):
+        with Image.open(f) as im:
+            im.load()
+    assert len(finals(out, "*")) == 2 and temporaries(out) == []
+    assert_untouched(latents, snapshot(lat))
+
+
+# --- a real full disk -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 96 KiB tmpfs, or a skip where this machine does not let the test mount one."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    try:
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        pytest.skip("cannot run mount")
+    if p.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here ({p.stderr.decode().strip()})")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
+
+
+def _one_line_error(stderr: str, path: Path) -> None:
+    lines = stderr.strip().splitlines()
+    assert lines and lines[-1] == f"error: {path}: No space left on device", stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.slow
+def test_real_full_disk(tmp_path, models, small_disk):
+    """encode (safetensors), decode (Pillow), train (torch.save) and convert (a diffusers folder) on a
+    full tmpfs: each stops with one line naming the file, and leaves nothing half-written."""
+    src = image_folder(tmp_path / "in", 40, size=48)
+    inputs = snapshot(src)
+    out = small_disk / "lat"
+    p = run("encode", src, "-o", out, "--model", models["kl"], "--json")  # the installed command
+    s = json.loads(p.stdout)
+    assert p.returncode == 1 and s["stopped"] == "disk full" and s["failed"] == 1 and 0 < s["done"] < 39, p.stderr
+    assert s["failures"][0]["reason"].endswith("(No space left on device)")
+    assert temporaries(out) == [] and len(finals(out, "*")) == s["done"]
+    for f in finals(out, "*"):
+        read_latent(f)
+    assert_untouched(inputs, snapshot(src))
+
+    for f in finals(out, "*")[1:]:  # room for a few images
+        f.unlink()
+    keep = finals(out, "*")[0]
+    lat = tmp_path / "lat"
+    assert cli("encode", src, "-o", lat, "--model", models["kl"]).exit_code == 0
+    r = cli("decode", lat, "-o", small_disk / "rec", "--model", models["kl"], "--json")
+    s = json.loads(r.stdout)
+    assert r.exit_code == 1 and s["stopped"] == "disk full" and s["failed"] == 1, r.output
+    assert temporaries(small_disk / "rec") == []
+    for f in finals(small_disk / "rec", "*"):
+        with Image.open(f) as im:
+            im.load()
+
+    for f in finals(small_disk / "rec", "*"):
+        f.unlink()
+    model = small_disk / "m" / "model.safetensors"  # its checkpoint is far larger than the disk
+    r = cli("train", src, "-o", model, "--steps", 2, "--checkpoint-every", 1, *TRAIN_TINY)
+    assert r.exit_code == 1, r.output
+    _one_line_error(r.stderr, model.with_name(model.name + ".ckpt"))
+    assert temporaries(small_disk / "m") == [] and not model.exists()
+
+    folder = small_disk / "diffusers"
+    r = cli("convert", models["kl"], "-o", folder, "--to", "diffusers")
+    assert r.exit_code == 1, r.output
+    _one_line_error(r.stderr, folder)
+    assert not folder.exists() and temporaries(small_disk) == []
+    assert keep.is_file()
