@@ -19,11 +19,14 @@ Lines are sorted by ``(source, member)``, so the file is the same whatever the n
 processes that made it. A run updates the manifest it finds: its own lines replace those of the
 same inputs (except that "skipped" does not replace "done", which says more), the other lines stay.
 
-Writing: every process (torchrun rank, ``--shard`` job) writes its lines to a temporary file while
-it runs and, at the end, sorts them into ``manifest-part-I-of-N.jsonl`` (atomically). Parts are
-merged into ``manifest.jsonl`` (under a lock, then removed) as soon as all N exist: by rank 0 after
-the other ranks are done, or by whichever ``--shard`` job finishes last. A shard that never
-finished leaves the parts in place; rerunning it (it resumes) completes the merge.
+Writing: every process (a torchrun rank, a ``--shard`` job, or the one process of a plain run)
+writes its lines to a temporary file while it runs; at the end it sorts them into its part,
+``manifest-part-I-of-N.jsonl``, and, under a lock on the folder, puts the part in place and, if
+all N parts are there, merges them into ``manifest.jsonl`` and removes them. So whichever
+process finishes last merges, with no coordination between them (SLURM array tasks never talk to
+each other). A shard that never finished leaves the other parts waiting; rerunning it (it
+resumes, skipping what exists) completes the manifest. The output folder must be one folder
+shared by all processes (as it is for the outputs themselves).
 
 Reading (``read_entries``) accepts lines with only ``source`` too (a list of inputs made by
 another tool: ``rel`` is then the file name, and the status unknown).
@@ -37,13 +40,12 @@ import itertools
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import UsageError
-from .fileio import TMP_PREFIX, atomic_path
+from .fileio import atomic_path
 
 MANIFEST = "manifest.jsonl"
 LOCK = ".manifest.lock"
@@ -123,78 +125,86 @@ def read_entries(path: Path) -> Iterator[Entry]:
 
 
 class Recorder:
-    """The manifest lines of one process: appended to a temporary file as results come, sorted into
-    this process's part at ``finish``."""
+    """The manifest lines of one process (share ``index`` of ``count``): written to a temporary
+    file as results come; at ``finish`` sorted into this process's part, which is merged with the
+    others' into ``manifest.jsonl`` once all are there."""
 
     def __init__(self, out_dir: Path, index: int = 0, count: int = 1):
         self.out_dir, self.index, self.count = Path(out_dir), index, count
-        self._file = None
+        self.part = self.out_dir / part_name(index, count)
+        self._atomic = None
         self._tmp: Path | None = None
+        self._file = None
+
+    def _open(self) -> None:
+        self._atomic = atomic_path(self.part, overwrite=True)
+        self._tmp = self._atomic.__enter__()
+        self._file = open(self._tmp, "w", encoding="utf-8")
 
     def add(self, entry: Entry) -> None:
         if self._file is None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=TMP_PREFIX + "manifest-", suffix=".jsonl", dir=self.out_dir)
-            self._file, self._tmp = os.fdopen(fd, "w", encoding="utf-8"), Path(name)
+            self._open()
         self._file.write(entry.line() + "\n")
 
-    def finish(self, inputs: str | None = None) -> Path:
-        """Write this process's part (sorted, atomically) and return its path. ``inputs`` (a digest
-        of the whole input list) lets the merge check that all parts split the same list."""
-        entries: list[Entry] = []
-        if self._file is not None:
-            self._file.close()
-            entries = list(read_entries(self._tmp))
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        part = self.out_dir / part_name(self.index, self.count)
+    def finish(self, inputs: str | None = None) -> Merged:
+        """Put this process's part in place (sorted) and merge the parts if all are there.
+
+        ``inputs``, a digest of the whole list of inputs, lets the merge check that all parts
+        split the same list.
+        """
+        if self._file is None:
+            self._open()
+        self._file.close()
+        entries = sorted(read_entries(self._tmp), key=lambda e: e.key)
         header = {PART_HEADER: {"index": self.index, "count": self.count, "inputs": inputs}}
-        with atomic_path(part, overwrite=True) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        with open(self._tmp, "w", encoding="utf-8") as f:
             f.write(json.dumps(header) + "\n")
-            for entry in sorted(entries, key=lambda e: e.key):
+            for entry in entries:
                 f.write(entry.line() + "\n")
-        if self._tmp is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self._tmp.unlink()
-        return part
+        with _locked(self.out_dir):
+            self._atomic.__exit__(None, None, None)  # the part appears under its name
+            return _merge(self.out_dir, self.count)
 
 
 @dataclass
 class Merged:
-    """What ``merge`` did."""
+    """What a merge did."""
 
     merged: bool
-    missing: list[int]  # parts not there yet
-    warning: str = ""  # parts that split different input lists
+    missing: list[int]  # the parts not there yet
+    warning: str = ""  # parts that split different lists of inputs
     lines: int = 0
 
 
 def merge(out_dir: Path, count: int) -> Merged:
-    """Merge the ``count`` parts in ``out_dir`` into its ``manifest.jsonl`` when all are there."""
-    out_dir = Path(out_dir)
-    with _locked(out_dir):
-        parts = [out_dir / part_name(i, count) for i in range(count)]
-        missing = [i for i, p in enumerate(parts) if not p.exists()]
-        if missing:
-            return Merged(False, missing)
-        digests = {_part_digest(p) for p in parts} - {None}
-        warning = ""
-        if len(digests) > 1:
-            warning = (
-                f"the {count} parts of the manifest were made from different lists of inputs (files added or "
-                "changed between the jobs?): some inputs may be missing or done twice; check with --from-manifest"
-            )
-        target = out_dir / MANIFEST
-        old = _sorted_entries(target) if target.exists() else iter(())
-        new = heapq.merge(*(read_entries(p) for p in parts), key=lambda e: e.key)
-        lines = 0
-        with atomic_path(target, overwrite=True) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            for entry in _update(old, new):
-                f.write(entry.line() + "\n")
-                lines += 1
-        for p in parts:
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-        return Merged(True, [], warning, lines)
+    """Merge the ``count`` parts in ``out_dir`` into its ``manifest.jsonl`` if all are there."""
+    with _locked(Path(out_dir)):
+        return _merge(Path(out_dir), count)
+
+
+def _merge(out_dir: Path, count: int) -> Merged:
+    parts = [out_dir / part_name(i, count) for i in range(count)]
+    missing = [i for i, p in enumerate(parts) if not p.exists()]
+    if missing:
+        return Merged(False, missing)
+    warning = ""
+    if len({_part_digest(p) for p in parts} - {None}) > 1:
+        warning = (
+            f"the {count} parts of the manifest were made from different lists of inputs (files added or changed "
+            "between the jobs?): some inputs may be missing or done twice; check with --from-manifest"
+        )
+    target = out_dir / MANIFEST
+    old = _sorted_entries(target) if target.exists() else iter(())
+    new = heapq.merge(*(read_entries(p) for p in parts), key=lambda e: e.key)
+    lines = 0
+    with atomic_path(target, overwrite=True) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for entry in _update(old, new):
+            f.write(entry.line() + "\n")
+            lines += 1
+    for p in parts:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    return Merged(True, [], warning, lines)
 
 
 def _update(old: Iterable[Entry], new: Iterable[Entry]) -> Iterator[Entry]:
@@ -241,12 +251,12 @@ def _locked(out_dir: Path) -> Iterator[None]:
         yield
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / LOCK, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    with open(out_dir / LOCK, "a+") as f:  # POSIX record locks: the kind NFS supports
+        fcntl.lockf(f.fileno(), fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            fcntl.lockf(f.fileno(), fcntl.LOCK_UN)
 
 
 def pending_parts(out_dir: Path) -> dict[int, list[int]]:

@@ -386,6 +386,53 @@ def select_jobs(
         )
 
 
+def image_source(
+    inputs: Sequence[Path],
+    output_dir: Path,
+    selection: Selection,
+    *,
+    name: Callable[[str], str] = encoded_name,
+    tar_output: bool = False,
+) -> Callable[[], Iterable[Job | FileResult]]:
+    """The function that lists the jobs of a run over images: from a manifest, or by walking."""
+
+    def make() -> Iterable[Job | FileResult]:
+        if selection.entries is not None:
+            return jobs_from_entries(selection.entries(), output_dir, name=name, tar_output=tar_output)
+        return find_units(inputs, output_dir, accept=is_image_path, name=name, tar_output=tar_output)
+
+    return make
+
+
+def latent_source(
+    inputs: Sequence[Path], output_dir: Path, selection: Selection, fmt: str
+) -> Callable[[], Iterable[Job | FileResult]]:
+    """The function that lists the jobs of a run over latent files: from a manifest, or by walking."""
+
+    def make() -> Iterable[Job | FileResult]:
+        if selection.entries is not None:
+            return jobs_from_entries(selection.entries(), output_dir, name=lambda n: decoded_name(n, fmt))
+        return latent_jobs(inputs, output_dir, fmt)
+
+    return make
+
+
+def count_selected(
+    make: Callable[[], Iterable[Job | FileResult]],
+    selection: Selection,
+    size: int,
+    accept: Callable[[str], bool] = is_image_path,
+) -> int:
+    """How many results a run over ``make()``'s jobs gives (tar headers only; for progress bars)."""
+    n = 0
+    for item in select_jobs(make, replace(selection, listed=None), size):
+        if isinstance(item, TarJob):
+            n += len(item.members) if item.members is not None else tario.count_members(item.input, accept)
+        elif isinstance(item, Job):
+            n += 1
+    return n
+
+
 def _list_key(item: Job | FileResult) -> bytes:
     if isinstance(item, FileResult):
         return f"!{item.input}\0{item.reason}\n".encode("utf-8", "surrogateescape")
@@ -426,11 +473,12 @@ def member_jobs(
     claimed: set[str] = set()
     try:
         for m in tario.read_members(tar.input, accept, wanted):
+            inside = PurePosixPath(*(part for part in m.name.parts if part != "/"))  # "/a.png" -> "a.png"
             job = MemberJob(
-                tar.input / m.name,
+                tar.input / inside,
                 tar.root,
-                tar.rel / m.name,
-                tar.output.joinpath(*m.name.parent.parts, name(m.name.name)),
+                tar.rel / inside,
+                tar.output.joinpath(*inside.parent.parts, name(inside.name)),
                 size=m.size,
                 block=tar.block,
                 tar=tar.input,
@@ -459,15 +507,6 @@ def load_job_image(job: Job, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.
     if isinstance(job, MemberJob):
         return tario.load_image_bytes(job.data, job.input, max_pixels=max_pixels)
     return load_image(job.input, max_pixels=max_pixels)
-
-
-def count_work(paths: Sequence[Path], accept: Callable[[str], bool], *, exclude: Path | None = None) -> int:
-    """How many results a run over ``paths`` gives (names and tar headers only: for progress bars)."""
-    n = 0
-    for item in walk(paths, lambda name: accept(name) or tario.is_tar_path(name), exclude=exclude):
-        if not isinstance(item, FileResult):
-            n += tario.count_members(item[0], accept) if tario.is_tar_path(item[0].name) else 1
-    return n
 
 
 # --- manifests ------------------------------------------------------------------------------------
@@ -716,11 +755,7 @@ def encode_files(
     # A draw is seeded per image, so it must not depend on the company in its batch.
     batch_size = 1 if options.sample else options.batch_size
 
-    def make() -> Iterable[Job | FileResult]:
-        if selection.entries is not None:
-            return jobs_from_entries(selection.entries(), output_dir, name=encoded_name, tar_output=options.tar_output)
-        return image_jobs(inputs, output_dir, tar_output=options.tar_output)
-
+    make = image_source(inputs, output_dir, selection, tar_output=options.tar_output)
     jobs = select_jobs(make, selection, block_size(batch_size))
     for into_tar, group in itertools.groupby(jobs, key=lambda j: isinstance(j, TarJob) and j.to_tar):
         if into_tar:
@@ -958,14 +993,8 @@ def decode_files(
     decoded_name("x", options.fmt)  # validates the format
     if selection.entries is None:
         check_inputs(inputs, output_dir)
-
-    def make() -> Iterable[Job | FileResult]:
-        if selection.entries is not None:
-            return jobs_from_entries(selection.entries(), output_dir, name=lambda n: decoded_name(n, options.fmt))
-        return latent_jobs(inputs, output_dir, options.fmt)
-
     stream = each_job(
-        select_jobs(make, selection, block_size(options.batch_size)),
+        select_jobs(latent_source(inputs, output_dir, selection, options.fmt), selection, block_size(options.batch_size)),
         lambda job: prepare_latent(job, models),
         overwrite=options.overwrite,
         ours=written_by_vqcli,

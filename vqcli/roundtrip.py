@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from .autoencoder import AutoEncoder
-from .images import DEFAULT_MAX_PIXELS, is_image_path, load_image, save_image, to_uint8, written_by_vqcli
+from .images import DEFAULT_MAX_PIXELS, save_image, to_uint8, written_by_vqcli
 from .metrics import error_map, psnr, ssim
-from .pipeline import DONE, FileResult, Job, decode_array, each_job, encode_array, find_jobs
+from .pipeline import DONE, FileResult, Job, Selection, decode_array, each_job, encode_array, expand_tars, image_source
+from .pipeline import load_job_image, select_jobs
 
 SUFFIX = ".roundtrip.png"
 ERROR_GAIN = 4.0
@@ -48,16 +49,19 @@ def roundtrip_files(
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    selection: Selection = Selection(),
 ) -> Iterator[FileResult]:
-    """One result per image; side-by-side pictures under ``output_dir`` mirroring the inputs."""
-    jobs = find_jobs(paths, output_dir, accept=is_image_path, name=roundtrip_name)
+    """One result per image; side-by-side pictures under ``output_dir`` mirroring the inputs
+    (``selection``: this process's share, or the inputs of a manifest; see ``vqcli.pipeline``)."""
+    jobs = select_jobs(image_source(paths, output_dir, selection, name=roundtrip_name), selection, 1)
+    jobs = expand_tars(jobs, roundtrip_name)
     yield from each_job(
         jobs, lambda job: _one(job, model, dtype, overwrite, max_pixels), overwrite=overwrite, ours=written_by_vqcli
     )
 
 
 def _one(job: Job, model: AutoEncoder, dtype: torch.dtype, overwrite: bool, max_pixels: int | None) -> FileResult:
-    rgb = load_image(job.input, max_pixels=max_pixels)
+    rgb = load_job_image(job, max_pixels=max_pixels)
     original = to_uint8(rgb)
     reconstruction = roundtrip_image(model, rgb, dtype=dtype)
     save_image(side_by_side(original, reconstruction), job.output, overwrite=overwrite)
@@ -67,4 +71,4 @@ def _one(job: Job, model: AutoEncoder, dtype: torch.dtype, overwrite: bool, max_
         "psnr": psnr(original.astype(np.float64), reconstruction.astype(np.float64), data_range=255.0),
         "ssim": ssim(original.astype(np.float64), reconstruction.astype(np.float64), data_range=255.0),
     }
-    return FileResult(job.input, job.output, DONE, info=info)
+    return FileResult(job.input, job.output, DONE, info=info, job=job)

@@ -20,15 +20,14 @@ from .common import (
     OverwriteOpt,
     PresetOpt,
     QuietOpt,
-    RunReport,
     dtype_name,
     epilog,
     help_text,
     parse_max_memory,
-    run_report,
     settle_dtype,
     setup_device,
 )
+from .scale import FromManifestOpt, ManifestOpt, Scale, ShardOpt, TarOutputOpt, run
 
 
 
@@ -49,6 +48,16 @@ HELP = help_text(
     Latent files are plain safetensors: the tensor 'latent' (KL: the mean, float32 (C, h, w);
     VQ: codebook indices, int16 (h, w)) with the model, its config and the image size in the
     metadata. 'vqcli info FILE' shows it all.
+
+    Tar shards (WebDataset style: shard.tar holding KEY.jpg, KEY.json, ...) are read front to
+    back; each image's latent goes to OUTPUT/shard.tar/KEY.jpg.safetensors, or with --tar-output
+    into one tar OUTPUT/shard.tar.
+
+    Many processes: 'torchrun --nproc_per_node=N -m vqcli encode ...' gives each process (one per
+    GPU) a share of the inputs, balanced by size, with the same files as one process would write;
+    rank 0 prints the summary of all. --shard I/N does the same split for independent jobs (SLURM
+    arrays). --manifest writes OUTPUT/manifest.jsonl, a line per input; --from-manifest FILE
+    redoes only what failed or is missing.
     """
 )
 
@@ -59,12 +68,15 @@ HELP = help_text(
         "vqcli encode sample_images -o latents",
         "vqcli encode photos/ extra.jpg -o latents --model default-vq --batch-size 4",
         "vqcli encode photos/ -o latents --model sd-vae.safetensors --scaled --json",
+        "torchrun --nproc_per_node=8 -m vqcli encode shards/ -o latents --tar-output --batch-size 16",
+        "vqcli encode photos/ -o latents --shard $SLURM_ARRAY_TASK_ID/64",
+        "vqcli encode --from-manifest latents/manifest.jsonl -o latents",
     )
 )
 @handle_errors
 def encode(
-    inputs: Annotated[list[Path], typer.Argument(metavar="INPUT...", help="Image files and folders (folders are walked recursively).", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the latent files (created if needed).")],
+    inputs: Annotated[Optional[list[Path]], typer.Argument(metavar="INPUT...", help="Image files, folders (walked recursively) and tar shards of images.", show_default=False)] = None,
     model: ModelOpt = "default",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
@@ -78,42 +90,50 @@ def encode(
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     max_memory: MaxMemoryOpt = None,
     overwrite: OverwriteOpt = False,
+    tar_output: TarOutputOpt = False,
+    shard: ShardOpt = None,
+    manifest: ManifestOpt = None,
+    from_manifest: FromManifestOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    from ..images import is_image_path
     from ..models import model_ref, resolve_model
-    from ..pipeline import EncodeOptions, check_inputs, count_inputs, encode_files
+    from ..pipeline import EncodeOptions, block_size, count_selected, encode_files, image_source
 
-    check_inputs(inputs, output)
+    scale = Scale(inputs, output, shard=shard, manifest=manifest, from_manifest=from_manifest)
     torch_device, torch_dtype = setup_device(device, dtype)
+    torch_device = scale.start(torch_device)
     ae = resolve_model(
         model, device=torch_device, dtype=torch_dtype, preset=preset, scale_factor=scale_factor, shift_factor=shift_factor
     )
-    torch_dtype = settle_dtype(ae, torch_device, torch_dtype)
+    torch_dtype = scale.same(settle_dtype(ae, torch_device, torch_dtype))
     ref = model_ref(model)
     options = EncodeOptions(
         batch_size=batch_size,
         sample=sample,
-        seed=seed,
+        seed=scale.seed(sample, seed),
         scaled=scaled,
         overwrite=overwrite,
         max_pixels=max_pixels or None,
-        max_memory=parse_max_memory(max_memory),
+        max_memory=scale.max_memory(parse_max_memory(max_memory), torch_device),
+        tar_output=tar_output,
     )
-    results = encode_files(inputs, output, ae, ref, dtype=torch_dtype, options=options)
+    selection = scale.selection()
+    results = encode_files(inputs or [], output, ae, ref, dtype=torch_dtype, options=options, selection=selection)
     extra = {
         "output": str(output),
         "model": {"name": ref.name, "sha256": ae.identity(), "kind": ae.config.kind},
         "device": str(torch_device),
         "dtype": dtype_name(torch_dtype),
     }
-    report = RunReport(
+    source = image_source(inputs or [], output, selection, tar_output=tar_output)
+    size = block_size(1 if sample else batch_size)
+    report = scale.report(
         "encode",
         verb="encoded",
-        count=lambda: count_inputs(inputs, is_image_path, exclude=output),
+        count=lambda: count_selected(source, selection, size),
         quiet=quiet,
         as_json=as_json,
         extra=extra,
     )
-    run_report(report, results)
+    run(report, results, scale)

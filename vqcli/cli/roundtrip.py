@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -20,14 +20,13 @@ from .common import (
     OverwriteOpt,
     PresetOpt,
     QuietOpt,
-    RunReport,
     dtype_name,
     epilog,
     help_text,
-    run_report,
     settle_dtype,
     setup_device,
 )
+from .scale import FromManifestOpt, ManifestOpt, Scale, ShardOpt, run
 
 HELP = help_text(
     """
@@ -37,6 +36,9 @@ HELP = help_text(
     RGB, and a side-by-side picture under OUTPUT (a.png -> a.png.roundtrip.png): original |
     reconstruction | error map (absolute difference, 4x). A table of the metrics and their mean
     follows the run; with --json they are in the summary object.
+
+    Like encode, it reads tar shards (shard.tar/KEY.jpg -> OUTPUT/shard.tar/KEY.jpg.roundtrip.png)
+    and runs in many processes under torchrun or with --shard I/N; rank 0 prints the table of all.
     """
 )
 
@@ -46,37 +48,43 @@ HELP = help_text(
     epilog=epilog(
         "vqcli roundtrip sample_images -o roundtrip",
         "vqcli roundtrip photos/ -o check --model default-vq --json",
+        "torchrun --nproc_per_node=4 -m vqcli roundtrip photos/ -o check --json",
     ),
 )
 @handle_errors
 def roundtrip(
-    inputs: Annotated[list[Path], typer.Argument(metavar="INPUT...", help="Image files and folders.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the side-by-side pictures.")],
+    inputs: Annotated[Optional[list[Path]], typer.Argument(metavar="INPUT...", help="Image files, folders and tar shards of images.", show_default=False)] = None,
     model: ModelOpt = "default",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     preset: PresetOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     overwrite: OverwriteOpt = False,
+    shard: ShardOpt = None,
+    manifest: ManifestOpt = None,
+    from_manifest: FromManifestOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    from ..images import is_image_path
     from ..models import model_ref, resolve_model
-    from ..pipeline import DONE, check_inputs, count_inputs
-    from ..roundtrip import roundtrip_files
+    from ..pipeline import DONE, count_selected, image_source
+    from ..roundtrip import roundtrip_files, roundtrip_name
 
-    check_inputs(inputs, output)
+    scale = Scale(inputs, output, shard=shard, manifest=manifest, from_manifest=from_manifest)
     torch_device, torch_dtype = setup_device(device, dtype)
+    torch_device = scale.start(torch_device)
     ae = resolve_model(model, device=torch_device, dtype=torch_dtype, preset=preset)
-    torch_dtype = settle_dtype(ae, torch_device, torch_dtype)
+    torch_dtype = scale.same(settle_dtype(ae, torch_device, torch_dtype))
     ref = model_ref(model)
     images: list[dict] = []
     mean: dict = {}
-    report = RunReport(
+    selection = scale.selection()
+    source = image_source(inputs or [], output, selection, name=roundtrip_name)
+    report = scale.report(
         "roundtrip",
         verb="round-tripped",
-        count=lambda: count_inputs(inputs, is_image_path, exclude=output),
+        count=lambda: count_selected(source, selection, 1),
         quiet=quiet,
         as_json=as_json,
         extra={
@@ -93,16 +101,27 @@ def roundtrip(
         for r in results:
             if r.status == DONE:
                 images.append({"path": str(r.input), "psnr": _round(r.info["psnr"]), "ssim": round(r.info["ssim"], 4)})
-                mean["psnr"] = _round(sum(i["psnr"] for i in images) / len(images))
-                mean["ssim"] = round(sum(i["ssim"] for i in images) / len(images), 4)
+                _mean(images, mean)
             yield r
 
-    results = roundtrip_files(inputs, output, ae, dtype=torch_dtype, overwrite=overwrite, max_pixels=max_pixels or None)
+    def combine(per_process: list[list[dict]]) -> None:  # every process's rows, for rank 0's table
+        images[:] = [row for rows in per_process for row in rows]
+        _mean(images, mean)
+
+    results = roundtrip_files(
+        inputs or [], output, ae, dtype=torch_dtype, overwrite=overwrite, max_pixels=max_pixels or None, selection=selection
+    )
     try:
-        run_report(report, measured(results))
+        run(report, measured(results), scale, gather=lambda: list(images), combine=combine)
     finally:
-        if images and not as_json and not quiet:
+        if images and not as_json and not quiet and scale.main:
             out_console.print(_table(images, mean))
+
+
+def _mean(images: list[dict], mean: dict) -> None:
+    if images:
+        mean["psnr"] = _round(sum(i["psnr"] for i in images) / len(images))
+        mean["ssim"] = round(sum(i["ssim"] for i in images) / len(images), 4)
 
 
 def _round(value: float) -> float:

@@ -1,0 +1,276 @@
+"""Many processes for one run: torchrun's ranks, ``--shard I/N`` jobs, and the manifest.
+
+What the computing commands share for it: the options, and ``Scale``, which knows this
+process's share, joins the other processes, records the manifest and, at the end, gathers
+every process's summary so that rank 0 prints the whole run's and every process exits with its
+code. The work itself is the pipeline's (``vqcli.pipeline.Selection``).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ..errors import UsageError
+from ..pipeline import FileResult
+from ._app import err_console
+from .common import RunReport
+
+ShardOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--shard",
+        metavar="I/N",
+        help="Do only share I (counted from 0) of N of the inputs, split by size: N jobs with I = 0..N-1 "
+        "together do each input exactly once (SLURM: --shard $SLURM_ARRAY_TASK_ID/N). Under torchrun the "
+        "ranks split the shard.",
+        show_default=False,
+    ),
+]
+ManifestOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--manifest/--no-manifest",
+        help="Write OUTPUT/manifest.jsonl, a line per input (source, output, bytes, status, error). Default: on "
+        "with --shard, --from-manifest or under torchrun.",
+        show_default=False,
+    ),
+]
+FromManifestOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--from-manifest",
+        metavar="FILE",
+        help="Take the inputs from a manifest instead of INPUT, without walking folders: only its failed lines, "
+        "lines without a status and those whose output is gone are done.",
+        show_default=False,
+    ),
+]
+TarOutputOpt = Annotated[
+    bool,
+    typer.Option(
+        "--tar-output",
+        help="Tar shard inputs: write each shard's latents into one tar, OUTPUT/shard.tar (KEY.jpg -> "
+        "KEY.jpg.safetensors), instead of a folder OUTPUT/shard.tar/.",
+    ),
+]
+
+
+class Scale:
+    """This process's part of a run (one process, a torchrun rank, a ``--shard`` job)."""
+
+    def __init__(
+        self,
+        inputs: Sequence[Path] | None,
+        output: Path,
+        *,
+        shard: str | None = None,
+        manifest: bool | None = None,
+        from_manifest: Path | None = None,
+    ):
+        from .. import distributed, shards
+        from ..pipeline import check_inputs
+
+        self.output = output
+        self.ctx = distributed.context_from_env()
+        self.outer = shards.parse_shard(shard) if shard is not None else None
+        self.from_manifest = from_manifest
+        if from_manifest is not None:
+            if inputs:
+                raise UsageError("give either INPUT... or --from-manifest, not both")
+            if not from_manifest.is_file():
+                raise UsageError(f"{from_manifest}: no such manifest file")
+            check_inputs([from_manifest], output)
+        else:
+            check_inputs(list(inputs or []), output)
+        self.share = shards.combine(self.outer, self.ctx.rank, self.ctx.world)
+        self.record = manifest if manifest is not None else (self.share is not None or from_manifest is not None)
+        self.digest: str | None = None
+        self.recorder = None
+        self.merged = None
+
+    @property
+    def main(self) -> bool:
+        return self.ctx.main
+
+    def start(self, device):
+        """Join the other processes; this process's device (``cuda`` -> ``cuda:LOCAL_RANK``) and threads."""
+        from .. import distributed
+
+        distributed.start(self.ctx)
+        distributed.split_threads(self.ctx)
+        return distributed.place(self.ctx, device)
+
+    def selection(self):
+        from ..manifest import read_entries
+        from ..pipeline import Selection
+
+        entries = (lambda: read_entries(self.from_manifest)) if self.from_manifest is not None else None
+        return Selection(share=self.share, entries=entries, listed=self._listed)
+
+    def _listed(self, digest: str, count: int) -> None:
+        from .. import distributed
+
+        self.digest = digest
+        distributed.check_same(
+            self.ctx,
+            digest,
+            "the processes found different inputs (folders that differ between nodes, or files changing while "
+            "they were listed), so their shares would not fit together",
+        )
+
+    def same(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every process (a choice that must be the same everywhere, such
+        as the dtype ``--dtype auto`` measures)."""
+        from .. import distributed
+
+        return distributed.from_main(self.ctx, value) if self.ctx.active else value
+
+    def seed(self, sample: bool, seed: int | None) -> int | None:
+        """The seed of ``--sample``: one for all processes (rank 0's draw when none is given)."""
+        from .. import distributed
+
+        if not sample or seed is not None:
+            return seed
+        if self.outer is not None:
+            raise UsageError("--sample with --shard needs --seed, so that all shards draw with the same seed")
+        return distributed.from_main(self.ctx, secrets.randbits(62)) if self.ctx.active else None
+
+    def max_memory(self, budget: int | None, device) -> int | None:
+        """--max-memory's default, shared among the processes that share this machine's memory."""
+        if budget is not None or self.ctx.local_world == 1 or device.type != "cpu":
+            return budget
+        from ..tiling import default_budget
+
+        return max(1, default_budget() // self.ctx.local_world)
+
+    def report(self, command: str, *, quiet: bool, as_json: bool, **kw) -> RunReport:
+        """The run report: progress and summary on rank 0 only; failures on each process's stderr."""
+        main = self.ctx.main
+        extra = dict(kw.pop("extra", None) or {})
+        if self.outer is not None:
+            extra["shard"] = str(self.outer)
+        if self.ctx.active:
+            extra["processes"] = self.ctx.world
+        return RunReport(command, quiet=quiet or not main, as_json=as_json and main, extra=extra, **kw)
+
+    def results(self, results: Iterable[FileResult]) -> Iterator[FileResult]:
+        """``results``, each recorded in the manifest when there is one."""
+        if not self.record:
+            yield from results
+            return
+        from ..manifest import Recorder
+        from ..pipeline import entry_of
+
+        index, count = (self.share.index, self.share.count) if self.share is not None else (0, 1)
+        self.recorder = Recorder(self.output, index, count)
+        for result in results:
+            self.recorder.add(entry_of(result, self.output))
+            yield result
+
+    def finish_manifest(self) -> None:
+        """Put this process's part of the manifest in place (and merge, if it is the last)."""
+        if self.recorder is None:
+            return
+        recorder, self.recorder = self.recorder, None
+        try:
+            self.merged = recorder.finish(self.digest)
+        except OSError as e:
+            err_console.print(f"cannot write the manifest in {self.output} ({e.strerror or e})", style="red", markup=False)
+
+    def finish(
+        self,
+        report: RunReport,
+        gather: Callable[[], Any] | None = None,
+        combine: Callable[[list[Any]], None] | None = None,
+    ) -> None:
+        """End of the run: the manifest, then (several processes) every process's summary into
+        ``report``; ``gather()``'s value of every process goes to ``combine`` (e.g. per-image rows)."""
+        from .. import distributed
+
+        self.finish_manifest()
+        states = [self._state(report, gather)]
+        if self.ctx.active and not report.interrupted:
+            states = distributed.all_gather(self.ctx, states[0])
+            self._combine(report, states)
+        if combine is not None and gather is not None and len(states) > 1:
+            combine([s["extra"] for s in states])
+        merges = [s["manifest"] for s in states if s["manifest"] is not None]
+        if merges:
+            self._tell_manifest(report, merges)
+
+    def _tell_manifest(self, report: RunReport, merges: list[dict]) -> None:
+        path = self.output / "manifest.jsonl"
+        done = next((m for m in merges if m["merged"]), None)
+        info = done or min(merges, key=lambda m: len(m["missing"]))
+        report.extra["manifest"] = {
+            "path": str(path),
+            "merged": done is not None,
+            "lines": info["lines"],
+            "waiting_for_parts": info["missing"],
+        }
+        if self.ctx.main:
+            for warning in sorted({m["warning"] for m in merges if m["warning"]}):
+                err_console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
+        if report.quiet or report.as_json:
+            return
+        if done is not None:
+            err_console.print(f"manifest: {path} ({done['lines']} lines)", markup=False, highlight=False)
+        else:
+            waiting = ", ".join(map(str, info["missing"]))
+            err_console.print(
+                f"manifest part {self.share} written; {path} is made when all {self.share.count} parts are there "
+                f"(waiting for: {waiting})",
+                markup=False,
+                highlight=False,
+            )
+
+    def _state(self, report: RunReport, gather) -> dict:
+        m = self.merged
+        return {
+            "rank": self.ctx.rank,
+            "device": report.extra.get("device"),
+            "counts": dict(report.counts),
+            "failures": list(report.failures),
+            "fallbacks": report.fallbacks,
+            "seconds": round(report.seconds, 3),
+            "extra": gather() if gather is not None else None,
+            "manifest": None if m is None else {"merged": m.merged, "missing": m.missing, "warning": m.warning, "lines": m.lines},
+        }
+
+    def _combine(self, report: RunReport, states: list[dict]) -> None:
+        report.counts = {k: sum(s["counts"][k] for s in states) for k in report.counts}
+        report.failures = [f for s in states for f in s["failures"]]
+        report.fallbacks = sum(s["fallbacks"] for s in states)
+        report.extra["ranks"] = [
+            {"rank": s["rank"], "device": s["device"], **s["counts"], "seconds": s["seconds"]} for s in states
+        ]
+
+
+def run(report: RunReport, results: Iterable[FileResult], scale: Scale, **finish: Any) -> None:
+    """Feed ``results`` into ``report`` (recording the manifest), finish the run across processes,
+    print the summary (rank 0) and exit with the whole run's code (every process).
+
+    Ctrl-C stops the run between files: what was finished stays finished and is in the manifest.
+    """
+    from .. import distributed
+
+    try:
+        try:
+            with report:
+                for result in scale.results(results):
+                    report.add(result)
+        except KeyboardInterrupt:
+            report.interrupted = True
+        except BaseException:
+            scale.finish_manifest()
+            raise
+        scale.finish(report, **finish)
+        code = report.finish()
+    finally:
+        distributed.stop(scale.ctx)
+    raise typer.Exit(code)
