@@ -130,3 +130,22 @@ def test_cli_refuses_unknown_dtype(tmp_path):
     result = CliRunner().invoke(app, ["encode", str(SAMPLES / "camera.png"), "-o", str(tmp_path / "o"), "--dtype", "float8"])
     assert result.exit_code == 2
     assert "unknown dtype 'float8'" in result.stderr and "auto" in result.stderr
+
+
+def test_decode_auto_chooses_per_embedded_model(tmp_path, monkeypatch):
+    """Without --model, each latent's embedded model gets its own choice (float32 where no faster
+    precision exists): images equal --dtype float32's."""
+    monkeypatch.setattr("vqcli.devices.cpu_has_native_bf16", lambda: False)
+    rgb = np.asarray(Image.open(SAMPLES / "coffee.png").convert("RGB"))[:64, :96]
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    runner = CliRunner()
+    assert runner.invoke(app, ["encode", str(tmp_path / "c.png"), "-o", str(tmp_path / "lat")]).exit_code == 0
+    images = {}
+    for dtype in ("auto", "float32"):
+        result = runner.invoke(app, ["decode", str(tmp_path / "lat"), "-o", str(tmp_path / dtype), "--dtype", dtype, "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["dtype"] == dtype
+        images[dtype] = np.asarray(Image.open(tmp_path / dtype / "c.png"))
+        if dtype == "auto":
+            assert "default: --dtype auto: float32" in result.stderr
+    assert np.array_equal(images["auto"], images["float32"])

@@ -929,7 +929,11 @@ class DecodeOptions:
 
 class ModelChooser:
     """Which model decodes a latent: the one given (checked against the file), or the embedded one
-    the file names. Models are loaded once and kept for the run."""
+    the file names. Models are loaded once and kept for the run.
+
+    ``dtype=None`` (``--dtype auto``): each embedded model is computed in the precision
+    ``accel.choose_dtype`` measures for it; ``on_choice(name, choice)`` hears of each choice.
+    """
 
     def __init__(
         self,
@@ -937,13 +941,20 @@ class ModelChooser:
         label: str = "",
         *,
         device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = torch.float32,
         resolve: Callable[..., AutoEncoder] = resolve_model,
+        on_choice: Callable[[str, Any], None] | None = None,
     ):
         self.model, self.label = model, label
         self.device, self.dtype, self.resolve = device, dtype, resolve
+        self.on_choice = on_choice
         self._embedded: dict[str, AutoEncoder | VqcliError] = {}
         self._views: dict[tuple, AutoEncoder] = {}
+        self._dtypes: dict[int, torch.dtype] = {}  # id(model or view) -> its precision under auto
+
+    def dtype_for(self, model: AutoEncoder) -> torch.dtype:
+        """The precision to compute ``model`` (as this chooser returned it) in."""
+        return self._dtypes.get(id(model), self.dtype or torch.float32)
 
     def __call__(self, path: Path, meta: lat.LatentMeta) -> AutoEncoder:
         if self.model is not None:
@@ -961,12 +972,22 @@ class ModelChooser:
         key = (id(model), meta.scale_factor, meta.shift_factor)
         if key not in self._views:
             self._views[key] = with_factors(model, meta.scale_factor, meta.shift_factor)
+            if id(model) in self._dtypes:
+                self._dtypes[id(self._views[key])] = self._dtypes[id(model)]
         return self._views[key]
 
     def _embedded_model(self, path: Path, name: str) -> AutoEncoder:
         if name not in self._embedded:
             try:
-                self._embedded[name] = self.resolve(name, device=self.device, dtype=self.dtype)
+                model = self.resolve(name, device=self.device, dtype=self.dtype or torch.float32)
+                if self.dtype is None:
+                    from .accel import choose_dtype
+
+                    choice = choose_dtype(model, torch.device(self.device))
+                    self._dtypes[id(model)] = choice.dtype
+                    if self.on_choice is not None:
+                        self.on_choice(name, choice)
+                self._embedded[name] = model
             except VqcliError as e:
                 self._embedded[name] = e
         found = self._embedded[name]
@@ -1004,7 +1025,8 @@ def decode_files(
             yield batch
             continue
         fn = _decode_fn(batch[0].info["kind"], batch[0].info["scaled"])
-        for item, out, redone in compute(batch, fn, dtype, options.max_memory):
+        batch_dtype = models.dtype_for(batch[0].model) if models.dtype is None else dtype
+        for item, out, redone in compute(batch, fn, batch_dtype, options.max_memory):
             yield _finish_decode(item, out, redone, options)
 
 

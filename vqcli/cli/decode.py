@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
-from ._app import app, handle_errors
+from ._app import app, err_console, handle_errors
 from .common import (
     BatchOpt,
     DeviceOpt,
@@ -18,15 +18,14 @@ from .common import (
     OverwriteOpt,
     PresetOpt,
     QuietOpt,
-    RunReport,
     dtype_name,
     epilog,
     help_text,
     parse_max_memory,
-    run_report,
     settle_dtype,
     setup_device,
 )
+from .scale import FromManifestOpt, ManifestOpt, Scale, ShardOpt, run
 
 
 HELP = help_text(
@@ -41,6 +40,10 @@ HELP = help_text(
     'a.png'; a name whose extension is not the output format's gets it appended
     ('a.jpg.safetensors' -> 'a.jpg.png'). Existing images vqcli wrote are kept (the run resumes)
     unless --overwrite; files vqcli did not write (the original images, say) are never replaced.
+
+    Many processes: under 'torchrun --nproc_per_node=N -m vqcli decode ...' each process decodes
+    its share of the latents (balanced by size) on its own GPU; --shard I/N splits the same way
+    for independent jobs; --manifest and --from-manifest work as for encode.
     """
 )
 
@@ -51,12 +54,13 @@ HELP = help_text(
         "vqcli decode latents -o recon",
         "vqcli decode latents/a.png.safetensors -o recon --format jpg --quality 90",
         "vqcli decode latents -o recon --model sd-vae.safetensors --batch-size 4 --json",
+        "torchrun --nproc_per_node=8 -m vqcli decode latents -o recon --batch-size 8",
     )
 )
 @handle_errors
 def decode(
-    inputs: Annotated[list[Path], typer.Argument(metavar="INPUT...", help="Latent files and folders of them (walked recursively).", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the images (created if needed).")],
+    inputs: Annotated[Optional[list[Path]], typer.Argument(metavar="INPUT...", help="Latent files and folders of them (walked recursively).", show_default=False)] = None,
     model: OptionalModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
@@ -66,37 +70,51 @@ def decode(
     preset: PresetOpt = None,
     max_memory: MaxMemoryOpt = None,
     overwrite: OverwriteOpt = False,
+    shard: ShardOpt = None,
+    manifest: ManifestOpt = None,
+    from_manifest: FromManifestOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     from ..models import resolve_model
-    from ..pipeline import DecodeOptions, ModelChooser, check_inputs, count_inputs, decode_files, is_latent_path
+    from ..pipeline import DecodeOptions, ModelChooser, block_size, count_selected, decode_files, latent_source
 
-    check_inputs(inputs, output)
+    scale = Scale(inputs, output, shard=shard, manifest=manifest, from_manifest=from_manifest)
     fmt = fmt.lower().lstrip(".")
     fmt = {"jpeg": "jpg"}.get(fmt, fmt)
     if fmt not in ("png", "jpg", "webp"):
         raise typer.BadParameter(f"{fmt!r} is not one of png, jpg, webp", param_hint="'--format'")
     torch_device, torch_dtype = setup_device(device, dtype)
+    torch_device = scale.start(torch_device)
     if model is not None:
         ae = resolve_model(model, device=torch_device, dtype=torch_dtype, preset=preset)
-        torch_dtype = settle_dtype(ae, torch_device, torch_dtype)
+        torch_dtype = scale.same(settle_dtype(ae, torch_device, torch_dtype))
         chooser = ModelChooser(ae, f"--model {model}", device=torch_device, dtype=torch_dtype)
         model_info = {"name": model, "sha256": ae.identity(), "kind": ae.config.kind}
     else:
-        chooser = ModelChooser(device=torch_device, dtype=torch_dtype)
+        chooser = ModelChooser(
+            device=torch_device,
+            dtype=torch_dtype,
+            on_choice=lambda name, choice: err_console.print(f"{name}: {choice.describe()}", highlight=False),
+        )
         model_info = None
     options = DecodeOptions(
-        batch_size=batch_size, fmt=fmt, quality=quality, overwrite=overwrite, max_memory=parse_max_memory(max_memory)
+        batch_size=batch_size,
+        fmt=fmt,
+        quality=quality,
+        overwrite=overwrite,
+        max_memory=scale.max_memory(parse_max_memory(max_memory), torch_device),
     )
-    results = decode_files(inputs, output, chooser, dtype=torch_dtype, options=options)
-    extra = {"output": str(output), "model": model_info, "device": str(torch_device), "dtype": dtype_name(torch_dtype), "format": fmt}
-    report = RunReport(
+    selection = scale.selection()
+    results = decode_files(inputs or [], output, chooser, dtype=torch_dtype, options=options, selection=selection)
+    extra = {"output": str(output), "model": model_info, "device": str(torch_device), "dtype": dtype_name(torch_dtype) if torch_dtype else "auto", "format": fmt}
+    source = latent_source(inputs or [], output, selection, fmt)
+    report = scale.report(
         "decode",
         verb="decoded",
-        count=lambda: count_inputs(inputs, is_latent_path, exclude=output),
+        count=lambda: count_selected(source, selection, block_size(batch_size)),
         quiet=quiet,
         as_json=as_json,
         extra=extra,
     )
-    run_report(report, results)
+    run(report, results, scale)
