@@ -13,8 +13,8 @@ Reading always gives RGB as float32 in [0, 1], shape (H, W, 3), whatever the fil
 A file's format is found from its content, never from its name: a PNG named ``.jpg`` is read as
 the PNG it is. Only the formats listed in ``READ_FORMATS`` are tried (those of
 ``IMAGE_EXTENSIONS``), whatever else Pillow could open: a file of another format (EPS, which
-Pillow hands to Ghostscript; PSD, PCX...) is refused, its format named ("a PCX file, not an image
-format vqcli reads"), whatever its name. The extension only decides which files a folder walk takes.
+Pillow hands to Ghostscript; PSD, PCX...) is refused, its format named ("an image in the PCX
+format, which vqcli does not read"), whatever its name. The extension only decides which files a folder walk takes.
 
 Hostile files: images of more than ``max_pixels`` pixels (Pillow's decompression-bomb limit by
 default, ``--max-pixels`` on the command line) are refused from their header, before any pixel is
@@ -109,7 +109,7 @@ def _load(source: Path | io.BytesIO, path: Path, max_pixels: int | None) -> np.n
         other = _other_format(source)
         if other is not None:
             raise FileError(
-                path, f"a {other} file, not an image format vqcli reads ({', '.join(READ_FORMATS)})"
+                path, f"an image in the {other} format, which vqcli does not read (it reads {', '.join(READ_FORMATS)})"
             ) from None
         raise FileError(path, "not an image (or a format Pillow cannot read)") from None
     except Image.DecompressionBombError as e:
