@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import stat
 import struct
 import threading
 import warnings
@@ -75,7 +76,18 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_
     are decoded (``None`` lifts the limit). Safe to call from several threads at once.
     """
     path = Path(path)
+    _refuse_special(path)
     return _load(path, path, max_pixels)
+
+
+def _refuse_special(path: Path) -> None:
+    """A pipe, socket or device named like an image would block the read, or never end: refused."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # the open that follows says what is wrong
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise FileError(path, "not a regular file (a pipe, socket or device); not read")
 
 
 def load_image_bytes(data: bytes, path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -168,6 +168,11 @@ class Latent:
     meta: LatentMeta
 
 
+def _utf8(name: str) -> str:
+    """A file name as metadata can hold it: the bytes of a name that is not UTF-8 as ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def make_meta(
     model: AutoEncoder,
     *,
@@ -184,12 +189,12 @@ def make_meta(
     c = model.config
     ph, pw = padded_dims(height, width, c.downsampling)
     return LatentMeta(
-        source=source,
+        source=_utf8(source),
         width=width,
         height=height,
         padded_width=pw,
         padded_height=ph,
-        model=model_name,
+        model=_utf8(model_name),
         model_embedded=model_embedded,
         model_sha256=model.identity(),
         config=c,
@@ -217,13 +222,16 @@ def to_storage(tensor: torch.Tensor, meta: LatentMeta) -> torch.Tensor:
 
 def write_latent(path: str | os.PathLike, tensor: torch.Tensor, meta: LatentMeta, *, overwrite: bool = False) -> None:
     """Write one latent file atomically (``FileExistsError`` if it exists and not ``overwrite``)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     stored = to_storage(tensor, meta)
     if tuple(stored.shape) != meta.latent_shape:
         raise ValueError(f"latent shape {tuple(stored.shape)} does not match its metadata {meta.latent_shape}")
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        save_file({KEY: stored}, str(tmp), metadata=meta.to_metadata())
+    data = save({KEY: stored}, metadata=meta.to_metadata())
+    # written by Python, not by safetensors' save_file, which takes only paths that are UTF-8 (a
+    # subfolder named in Latin-1 is mirrored in the output) and fails with an error of its own
+    with atomic_path(path, overwrite=overwrite) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def is_latent_file(path: str | os.PathLike) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -28,15 +29,24 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     the message is ours).
     """
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load, load_file
 
     header = read_safetensors_header(path)
     metadata = header.pop("__metadata__", None) or {}
     try:
-        tensors = load_file(str(path))
+        # safetensors opens only paths that are UTF-8; a file named otherwise is read by Python
+        tensors = load_file(str(path)) if _utf8_path(path) else load(path.read_bytes())
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise FileError(path, f"not a readable safetensors file ({_short(e)})") from None
     return tensors, dict(metadata)
+
+
+def _utf8_path(path: Path) -> bool:
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def read_safetensors_header(path: Path) -> dict:
