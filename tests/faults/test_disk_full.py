@@ -2,16 +2,16 @@
 untouched, and the run stops (every later file would fail the same way) with exit code 1; a re-run
 after freeing space does the rest.
 
-Two ways to fill a disk. Simulated (always runs, in-process): the writers themselves, safetensors'
-``save_file`` (latents) and Pillow's ``Image.save`` (images), write into the temporary file until a
-byte budget is spent and then fail exactly as they do on a full disk (safetensors raises its own
-``SafetensorError`` naming ``os error 28``, Pillow an ``OSError`` with ``ENOSPC``; both observed on a
-real full tmpfs). Real (when this machine lets the test mount a small tmpfs, as root can): every
-writer of ``encode``, ``decode``, ``train`` (``torch.save``) and ``convert``, unmodified.
+Two ways to fill a disk. Simulated (always runs, in-process): the writes of latent files and
+images (both through Python file objects) into vqcli's temporary files fail with ``ENOSPC`` once a
+byte budget is spent. Real (when this machine lets the test mount a small tmpfs, as root can):
+every writer of ``encode``, ``decode``, ``train`` (``torch.save``) and ``convert`` (safetensors'
+own writer, whose ``SafetensorError`` must come out as ``OSError``), unmodified.
 """
 
 from __future__ import annotations
 
+import builtins
 import errno
 import io
 import json
@@ -24,6 +24,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from vqcli.cli import app
+from vqcli.fileio import TMP_PREFIX
 from vqcli.latents import read_latent
 
 from .conftest import TRAIN_TINY, assert_untouched, finals, image_folder, run, snapshot, temporaries
@@ -36,41 +37,53 @@ def cli(*args):
 
 
 class FullDisk:
-    """Writers that fail like a disk with ``free`` bytes left (a byte budget over all files)."""
+    """Writes into vqcli's temporary files fail like a disk with ``free`` bytes left (one budget for
+    all files): the bytes that fit are written, then ``OSError(ENOSPC)``, as a real write fails.
+
+    Files are opened as usual; those opened for writing under a temporary name get a wrapper whose
+    ``write`` counts. Its ``fileno`` is unsupported, so that Pillow's encoders write through it (they
+    fall back to ``write`` for file objects without one) instead of to the descriptor.
+    """
 
     def __init__(self, monkeypatch, free: int):
-        import safetensors.torch
-
         self.free = free
         self.failed: list[str] = []
-        save_bytes = safetensors.torch.save
-        real_image_save = Image.Image.save
+        real_open = builtins.open
 
-        def save_file(tensors, filename, metadata=None):
-            self._write(filename, save_bytes(tensors, metadata=metadata), rust=True)
+        def fake_open(file, mode="r", *args, **kwargs):
+            f = real_open(file, mode, *args, **kwargs)
+            writing = "w" in mode or "a" in mode
+            if writing and isinstance(file, (str, os.PathLike)) and Path(file).name.startswith(TMP_PREFIX):
+                return _Limited(f, self, os.fspath(file))
+            return f
 
-        def image_save(im, fp, format=None, **params):
-            if not isinstance(fp, (str, os.PathLike)):
-                return real_image_save(im, fp, format, **params)
-            buffer = io.BytesIO()
-            real_image_save(im, buffer, format, **params)
-            self._write(fp, buffer.getvalue(), rust=False)
+        monkeypatch.setattr(builtins, "open", fake_open)
 
-        monkeypatch.setattr(safetensors.torch, "save_file", save_file)
-        monkeypatch.setattr(Image.Image, "save", image_save)
 
-    def _write(self, filename, data: bytes, *, rust: bool) -> None:
-        n = min(len(data), self.free)
-        with open(filename, "wb") as f:
-            f.write(data[:n])
-        self.free -= n
+class _Limited:
+    def __init__(self, f, disk: FullDisk, name: str):
+        self._f, self._disk, self._name = f, disk, name
+
+    def write(self, data) -> int:
+        n = min(len(data), self._disk.free)
+        self._f.write(data[:n])
+        self._disk.free -= n
         if n < len(data):
-            self.failed.append(os.fspath(filename))
-            if rust:
-                from safetensors import SafetensorError
-
-                raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+            self._disk.failed.append(self._name)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return n
+
+    def fileno(self):
+        raise io.UnsupportedOperation("fileno")
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
 
 
 def _expect_stopped(r, out: Path, pattern: str, total: int) -> dict:
@@ -99,7 +112,7 @@ def test_simulated_full_disk_stops_encode_cleanly(tmp_path, models, monkeypatch)
     disk = FullDisk(monkeypatch, free=int(2.5 * size))
     r = cli("encode", src, "-o", out, "--model", models["kl"], "--json")
     _expect_stopped(r, out, ".safetensors", 6)
-    assert disk.failed and all(Path(f).name.startswith(".vqcli-tmp-") for f in disk.failed)
+    assert len(disk.failed) == 1
     for f in finals(out, "*"):
         read_latent(f)
     before = snapshot(out)

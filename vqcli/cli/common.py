@@ -243,15 +243,21 @@ def run_report(report: RunReport, results) -> None:
                 report.add(result)
     except KeyboardInterrupt:
         report.interrupted = True
-    except StopRun as e:  # the disk is full: every later file would fail the same way
-        report.add(e.result)
-        report.extra["stopped"] = "disk full"
-        err_console.print(
-            "stopped: the disk is full; free some space and run the same command again to do the rest",
-            highlight=False,
-            soft_wrap=True,
-        )
+    except StopRun as e:
+        stopped(report, e)
     raise typer.Exit(report.finish())
+
+
+def stopped(report: RunReport, e: StopRun) -> None:
+    """The pipeline stopped (the disk is full: every later file would fail the same way): the file
+    it happened to is a failure, and the summary says why the rest was not done."""
+    report.add(e.result)
+    report.extra["stopped"] = "disk full"
+    err_console.print(
+        "stopped: the disk is full; free some space and run the same command again to do the rest",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def epilog(*examples: str) -> str:

@@ -16,9 +16,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import UsageError
-from ..pipeline import FileResult
+from ..pipeline import FileResult, StopRun
 from ._app import err_console
-from .common import RunReport
+from .common import RunReport, stopped
 
 ShardOpt = Annotated[
     Optional[str],
@@ -266,6 +266,8 @@ def run(report: RunReport, results: Iterable[FileResult], scale: Scale, **finish
                     report.add(result)
         except KeyboardInterrupt:
             report.interrupted = True
+        except StopRun as e:
+            stopped(report, e)
         except BaseException:
             scale.finish_manifest()
             raise
