@@ -38,8 +38,6 @@ import contextlib
 import heapq
 import itertools
 import json
-import os
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,7 +49,6 @@ MANIFEST = "manifest.jsonl"
 LOCK = ".manifest.lock"
 PART_HEADER = "vqcli_manifest_part"
 DONE, SKIPPED, FAILED = "done", "skipped", "failed"
-_PART = re.compile(r"manifest-part-(\d+)-of-(\d+)\.jsonl")
 
 
 @dataclass(frozen=True)
@@ -257,14 +254,3 @@ def _locked(out_dir: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.lockf(f.fileno(), fcntl.LOCK_UN)
-
-
-def pending_parts(out_dir: Path) -> dict[int, list[int]]:
-    """Parts waiting in ``out_dir``: {count: [indices present]}."""
-    found: dict[int, list[int]] = {}
-    with contextlib.suppress(OSError):
-        for name in os.listdir(out_dir):
-            m = _PART.fullmatch(name)
-            if m:
-                found.setdefault(int(m.group(2)), []).append(int(m.group(1)))
-    return {count: sorted(indices) for count, indices in found.items()}

@@ -5,7 +5,13 @@ stages, each one function, so that each can be replaced on its own (tiling for l
 ``compute``, loading in worker threads in place of ``each_job``, a share of the inputs per
 process in front of ``find_jobs``):
 
-    find_jobs          walk the inputs (streaming), name each output, refuse collisions
+    find_jobs          walk the inputs (streaming), name each output, refuse collisions; tar
+                       shards become a ``TarJob`` each (``find_units``); or, from a manifest,
+                       the lines not finished (``jobs_from_entries``)
+    select_jobs        number the blocks batches never cross (``number_blocks``); with a share
+                       (torchrun rank, ``--shard I/N``), list everything, split the blocks by size
+                       (``vqcli.shards``) and keep this process's
+    expand_tars        read each tar shard front to back: a ``MemberJob`` per image inside
     check_existing     skip finished outputs (resume); never touch files vqcli did not write
     prepare_image      load, pad and record the original size  |  prepare_latent: read, validate,
                                                                    choose and check the model
@@ -13,11 +19,14 @@ process in front of ``find_jobs``):
     compute            run the model on a batch under inference mode; a batch that fails is
                        retried one item at a time; non-finite outputs in reduced precision are
                        redone in float32 (reported in the result)
-    write_latent / save_image   atomic writes (temporary name, then rename)
+    write_latent / save_image   atomic writes (temporary name, then rename); with
+                       ``--tar-output``, a tar shard's latents go into one tar written atomically
 
 A failure in one file (``FileError``) becomes that file's result and the others go on. Memory
-stays flat over any number of files: files are found while they are processed, and at most a few
-batches of images are held at once.
+stays flat over any number of files: files are found while they are processed (a share needs
+the whole list first: it keeps one number per block), and at most a few batches of images are
+held at once. Each result carries its job (``FileResult.job``), from which ``entry_of`` makes the
+manifest line.
 
 Output names: each input's path relative to the folder it was found in (a file named directly:
 its name) is mirrored under the output folder. Encoding appends ``.safetensors`` to the whole
