@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -135,7 +134,10 @@ if _spec:
         if _calls[0] == int(_n):
             with open(os.environ["VQCLI_FAULT_MARK"], "w") as f:
                 f.write(repr(a))
-            time.sleep(float(os.environ.get("VQCLI_FAULT_SLEEP", "60")))
+            release = os.environ.get("VQCLI_FAULT_RELEASE")
+            end = time.monotonic() + 120
+            while time.monotonic() < end and not (release and os.path.exists(release)):
+                time.sleep(0.01)
         return _real(*a, **k)
     setattr(os, _name, _hooked)
 '''
@@ -148,10 +150,14 @@ def hook_dir(tmp_path_factory) -> Path:
     return d
 
 
-def hook_env(hook_dir: Path, mark: Path, at: str) -> dict:
-    """Environment that pauses the child at the ``at`` (``"fsync:2"``) call, after writing ``mark``."""
+def hook_env(hook_dir: Path, mark: Path, at: str, release: Path | None = None) -> dict:
+    """Environment that pauses the child at the ``at`` (``"fsync:2"``) call, after writing ``mark``,
+    until ``release`` exists (or two minutes pass)."""
     path = os.pathsep.join(p for p in (str(hook_dir), os.environ.get("PYTHONPATH", "")) if p)
-    return {"PYTHONPATH": path, "VQCLI_FAULT_AT": at, "VQCLI_FAULT_MARK": str(mark)}
+    env = {"PYTHONPATH": path, "VQCLI_FAULT_AT": at, "VQCLI_FAULT_MARK": str(mark)}
+    if release is not None:
+        env["VQCLI_FAULT_RELEASE"] = str(release)
+    return env
 
 
 def wait_for(condition, proc: subprocess.Popen | None = None, timeout: float = 120, poll: float = 0.005) -> bool:
@@ -179,8 +185,30 @@ def interrupt(proc: subprocess.Popen, timeout: float = 30) -> tuple[str, str, fl
     return out, err, time.monotonic() - sent
 
 
-def rng(seed: int) -> random.Random:
-    return random.Random(seed)
+# --- checking outputs against the model -----------------------------------------------------------
+
+
+def load_model(path: Path) -> AutoEncoder:
+    return AutoEncoder.load(path).eval()
+
+
+def model_input(rgb: np.ndarray) -> torch.Tensor:
+    """A uint8 (H, W, 3) image as the model takes it (sizes here are multiples of the factor)."""
+    return torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1)[None] * 2 - 1
+
+
+def check_latents(out: Path, src: Path, model: AutoEncoder) -> int:
+    """Every latent file in ``out`` is valid and holds the model's latent of its image; how many."""
+    from vqcli.latents import read_latent
+
+    files = finals(out, "*.png.safetensors")
+    for f in files:
+        latent = read_latent(f)  # the tool's full validation: header, sizes, metadata
+        rgb = np.asarray(Image.open(src / f.relative_to(out).as_posix()[: -len(".safetensors")]).convert("RGB"))
+        with torch.no_grad():
+            expected = model.encode(model_input(rgb))[0]
+        torch.testing.assert_close(latent.tensor.float(), expected, atol=1e-4, rtol=1e-4)
+    return len(files)
 
 
 # --- output folders -------------------------------------------------------------------------------

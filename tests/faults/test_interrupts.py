@@ -31,6 +31,8 @@ from .conftest import (
     KL,
     TRAIN_TINY,
     assert_untouched,
+    check_latents,
+    load_model,
     finals,
     hook_env,
     image_folder,
@@ -48,26 +50,6 @@ KILLS = 3  # per command: one in the middle of a write, the others at random mom
 # Ctrl-C must end the process this soon: about a second on an idle machine (the step or batch under
 # way finishes, then the summary); the bound leaves room for a CI machine busy with other work.
 STOP_S = 5
-
-
-def _model(path: Path) -> AutoEncoder:
-    return AutoEncoder.load(path).eval()
-
-
-def _to_input(rgb: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1)[None] * 2 - 1
-
-
-def _check_latents(out: Path, src: Path, model: AutoEncoder) -> int:
-    """Every latent file in ``out`` is valid and holds the model's latent of its image; how many."""
-    files = finals(out, "*.png.safetensors")
-    for f in files:
-        latent = read_latent(f)  # the tool's full validation: header, sizes, metadata
-        rgb = np.asarray(Image.open(src / f.relative_to(out).as_posix()[: -len(".safetensors")]).convert("RGB"))
-        with torch.no_grad():
-            expected = model.encode(_to_input(rgb))[0]
-        torch.testing.assert_close(latent.tensor.float(), expected, atol=1e-4, rtol=1e-4)
-    return len(files)
 
 
 def _check_images(out: Path, latents: Path, model: AutoEncoder) -> int:
@@ -114,12 +96,12 @@ def _kill_runs(args: list, out: Path, *, hook_dir: Path, tmp_path: Path, seed: i
 def test_encode_killed_repeatedly_resumes_and_leaves_nothing_behind(tmp_path, models, hook_dir):
     src = image_folder(tmp_path / "in", 40, sub_every=10)
     out = tmp_path / "lat"
-    model = _model(models["kl"])
+    model = load_model(models["kl"])
     inputs_before = snapshot(src)
     args = ["encode", src, "-o", out, "--model", models["kl"], "--quiet"]
     count = lambda: len(finals(out, "*.png.safetensors"))  # noqa: E731
     _kill_runs(args, out, hook_dir=hook_dir, tmp_path=tmp_path, seed=1, count=count,
-               check=lambda: _check_latents(out, src, model), total=40)
+               check=lambda: check_latents(out, src, model), total=40)
     before = snapshot(out)
     p = run("encode", src, "-o", out, "--model", models["kl"], "--json")
     assert p.returncode == 0, p.stderr
@@ -127,7 +109,7 @@ def test_encode_killed_repeatedly_resumes_and_leaves_nothing_behind(tmp_path, mo
     assert (s["skipped"], s["done"], s["failed"]) == (len(before), 40 - len(before), 0)
     assert temporaries(out) == []
     assert_untouched(before, snapshot(out))
-    assert _check_latents(out, src, model) == 40
+    assert check_latents(out, src, model) == 40
     assert_untouched(inputs_before, snapshot(src))
 
 
@@ -135,7 +117,7 @@ def _latents(tmp_path: Path, models, n: int) -> tuple[Path, Path]:
     """Images and their latent files, written in-process (the decode tests' inputs)."""
     src = image_folder(tmp_path / "in", n, sub_every=10)
     lat = tmp_path / "lat"
-    ae = _model(models["kl"])
+    ae = load_model(models["kl"])
     results = list(encode_files([src], lat, ae, model_ref(str(models["kl"])), options=EncodeOptions()))
     assert all(r.status == "done" for r in results) and len(results) == n
     return src, lat
@@ -145,7 +127,7 @@ def _latents(tmp_path: Path, models, n: int) -> tuple[Path, Path]:
 def test_decode_killed_repeatedly_resumes_and_leaves_nothing_behind(tmp_path, models, hook_dir):
     _, lat = _latents(tmp_path, models, 40)
     out = tmp_path / "rec"
-    model = _model(models["kl"])
+    model = load_model(models["kl"])
     args = ["decode", lat, "-o", out, "--model", models["kl"], "--quiet"]
     count = lambda: len(finals(out, "*.png"))  # noqa: E731
     _kill_runs(args, out, hook_dir=hook_dir, tmp_path=tmp_path, seed=2, count=count,
@@ -233,7 +215,7 @@ def test_convert_killed_inside_its_writes(tmp_path, models, hook_dir):
     assert p.returncode == 0, p.stderr
     assert temporaries(target.parent) == []
     converted = load_checkpoint(target).state_dict()
-    for k, v in _model(src).state_dict().items():
+    for k, v in load_model(src).state_dict().items():
         assert torch.equal(converted[k], v.half().float()), k
 
     # a diffusers folder, killed between its two files
@@ -279,7 +261,7 @@ def test_ctrl_c_inside_a_write_stops_at_once_and_resumes(tmp_path, models, hook_
     assert s["interrupted"] is True and (s["done"], s["failed"]) == (2, 0)
     assert temporaries(out) == []  # removed by the interrupted run itself
     before = snapshot(out)
-    assert len(before) == 2 and _check_images(out, lat, _model(models["kl"])) == 2
+    assert len(before) == 2 and _check_images(out, lat, load_model(models["kl"])) == 2
     p = run("decode", lat, "-o", out, "--model", models["kl"], "--json")
     assert p.returncode == 0, p.stderr
     assert (json.loads(p.stdout)["skipped"], json.loads(p.stdout)["done"]) == (2, 10)
