@@ -4,8 +4,9 @@ Every output is written to a temporary name beside it and renamed into place. A 
 says who wrote it: ``.vqcli-tmp-<pid>-<host>-<random><suffix>``. A run killed with ``kill -9`` (or
 by a power cut) leaves its temporary files behind; the next run that writes into the same folder
 removes those whose writer is gone: written on this host by a process that no longer exists, or,
-when that cannot be checked (another host's, an unknown name), untouched for a day. A temporary
-file of a run that is still going is never removed, so two runs can share an output folder.
+when that cannot be told (another host's, an unknown name, a process number taken again),
+untouched for a day. The files a running process is writing are left alone, so that two runs can
+share an output folder.
 
 Writers that fail for lack of space raise ``OSError`` (safetensors' and ``torch.save``'s own errors
 are translated), so that callers can tell a full disk from a bad input.
@@ -34,7 +35,7 @@ STALE_AFTER_S = 24 * 3600
 _OLD_TAG = "-old"  # a folder holding what an overwrite replaced, until the new one is in place
 
 _lock = threading.Lock()
-_live: set[str] = set()  # temporary paths this process is writing now
+_live: set[str] = set()  # names of the temporary files and folders this process is writing now
 _swept: set[str] = set()  # folders already swept by this process
 
 
@@ -56,7 +57,7 @@ def _new_temp(parent: Path, suffix: str, make) -> Path:
     for _ in range(100):
         tmp = _temp_path(parent, suffix)
         with _lock:
-            _live.add(str(tmp))
+            _live.add(tmp.name)
         try:
             make(tmp)
             return tmp
@@ -70,7 +71,7 @@ def _new_temp(parent: Path, suffix: str, make) -> Path:
 
 def _forget(tmp: Path) -> None:
     with _lock:
-        _live.discard(str(tmp))
+        _live.discard(tmp.name)
 
 
 def _make_file(path: Path) -> None:
@@ -102,8 +103,10 @@ def is_stale(path: Path, *, now: float | None = None) -> bool:
         pid = int(m.group(1))
         if pid == os.getpid():
             with _lock:
-                return str(path) not in _live  # an earlier process with our number (a container's pid 1)
-        return not _alive(pid)
+                return name not in _live  # an earlier process with our number (a container's pid 1)
+        if not _alive(pid):
+            return True
+    # another host's, an unknown name, or a number now used by another process: by its age
     try:
         mtime = path.lstat().st_mtime
     except FileNotFoundError:
@@ -208,6 +211,15 @@ def make_temp_dir(parent: str | os.PathLike, *, old: bool = False) -> Path:
     parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(parent)
     return _new_temp(parent, _OLD_TAG if old else "", lambda p: os.mkdir(p, 0o700))
+
+
+def make_temp_file(parent: str | os.PathLike, suffix: str = "") -> Path:
+    """A new empty temporary file in ``parent``, named as this process's, so that a run that finds
+    it after this one was killed removes it. The caller renames or removes it."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(parent)
+    return _new_temp(parent, suffix, _make_file)
 
 
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust's io::Error shows itself (safetensors)

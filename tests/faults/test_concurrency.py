@@ -5,10 +5,14 @@ neither removes the other's file in the making."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
 import time
 
 import pytest
+
+from vqcli.fileio import TMP_PREFIX
 
 from .conftest import (
     check_latents,
@@ -68,3 +72,30 @@ def test_a_live_runs_temporary_file_is_never_removed(tmp_path, models, hook_dir)
     assert (s["done"], s["skipped"], s["failed"]) == (0, 4, 0)  # its first file: "written meanwhile"
     assert temporaries(out) == []
     assert check_latents(out, src, load_model(models["kl"])) == 4
+
+
+def test_sweep_removes_only_what_writers_that_are_gone_left(tmp_path):
+    """Which temporary files a run removes, case by case (in-process, so the live writer is this
+    process itself and the dead one a child that has exited)."""
+    from vqcli import fileio
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    host = fileio._HOST
+    names = {
+        "dead": f"{TMP_PREFIX}{gone.pid}-{host}-0123abcd.png",  # its process has ended: removed
+        "parent": f"{TMP_PREFIX}{os.getppid()}-{host}-0123abce.png",  # a live process's: kept
+        "other host": f"{TMP_PREFIX}{gone.pid}-elsewhere-0123abcf.png",  # cannot be told: kept...
+        "other host, old": f"{TMP_PREFIX}{gone.pid}-elsewhere-01234567.png",  # ...until a day old
+        "old style": f"{TMP_PREFIX}k2j4h5.png",  # earlier versions' names: by age too (young: kept)
+        "ours, not live": f"{TMP_PREFIX}{os.getpid()}-{host}-89abcdef.png",  # an earlier process numbered like us
+    }
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"half")
+    (tmp_path / "kept.png").write_bytes(b"not temporary")
+    os.utime(tmp_path / names["other host, old"], (0, 0))
+    with fileio.atomic_path(tmp_path / "new.bin", overwrite=False) as tmp:  # sweeps the folder first
+        tmp.write_bytes(b"whole")
+        assert fileio.sweep_stale(f"{tmp_path}/.") == 0 and tmp.exists()  # our live file, by another spelling
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([names["parent"], names["other host"], names["old style"], "kept.png", "new.bin"])
