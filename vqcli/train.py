@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .autoencoder import AutoEncoder, AutoEncoderConfig
 from .errors import FileError, UsageError
-from .fileio import atomic_path
+from .fileio import TMP_PREFIX, atomic_path
 from .images import load_image
 from . import metrics
 
@@ -383,13 +383,16 @@ def train(
 
 
 def image_files(paths: Sequence[Path]) -> list[Path]:
-    """Image files among ``paths`` (folders walked recursively), sorted for reproducibility."""
+    """Image files among ``paths`` (folders walked recursively), sorted for reproducibility; the
+    unfinished writes of interrupted runs (temporary names) are not images to train on."""
     from .images import is_image_path
 
     found: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found.extend(p for p in sorted(path.rglob("*")) if p.is_file() and is_image_path(p))
+            found.extend(
+                p for p in sorted(path.rglob("*")) if p.is_file() and is_image_path(p) and not p.name.startswith(TMP_PREFIX)
+            )
         elif path.exists():
             found.append(path)
         else:

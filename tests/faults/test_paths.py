@@ -170,3 +170,15 @@ def test_names_after_double_dash(tmp_path, models, monkeypatch):
     r = cli("decode", "-o", "rec", "--model", models["kl"], "--", *(f"lat/{n}.safetensors" for n in NAMES[:3]))
     assert r.exit_code == 0, r.output
     assert sorted(_names(tmp_path / "rec")) == sorted(NAMES[:3])
+
+
+def test_training_skips_what_an_interrupted_run_left(tmp_path):
+    """A folder that a killed decode wrote into holds a half-written image under a temporary name:
+    training data is the finished images only (encode and decode skip such names too)."""
+    from vqcli.fileio import TMP_PREFIX
+    from vqcli.train import image_files
+
+    data = image_folder(tmp_path / "data", 2, size=16, sub_every=1)
+    half = data / "s0" / f"{TMP_PREFIX}4242-host-0123abcd.png"
+    half.write_bytes((data / "s0" / "000.png").read_bytes()[:40])
+    assert image_files([data]) == [data / "s0" / "000.png", data / "s1" / "001.png"]
