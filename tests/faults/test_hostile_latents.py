@@ -144,6 +144,10 @@ def hostile(tmp_path_factory):
     variant("config-deeply-nested.safetensors", "bad model_config", model_config="[" * 100_000 + "]" * 100_000)
     variant("width-absurd.safetensors", "is not an integer in [1, 1048576]", width="99999999")
     variant("not-vqcli.safetensors", "not a vqcli latent file", format="something-else")
+    # consistent in itself (3 channels, a config saying 3) but not what the model it names has (4)
+    variant("channels-not-the-models.safetensors", "its model config says latent_channels=3, but the model with "
+            "the same weights has 4", torch.zeros(3, 9, 17),
+            model_config=json.dumps(KL.replace(z_channels=3, embed_dim=3).to_dict()))
     # a latent from another model (same architecture, other weights)
     write_good(d / "other-model.png.safetensors", b, 33, 17, 3)
     add("other-model.png.safetensors", None, "made by model")
