@@ -1,81 +1,57 @@
-"""Encode and decode large images in bounded memory, with exactly the untiled result.
+"""Encode and decode images of any size in bounded memory, with exactly the untiled result.
 
-Where the memory goes: inside a residual block at full resolution, four or five activations of the
-image's size are alive at once (the input kept for the shortcut, the normalised copy, the first
-convolution's output, the second's, the sum). ``bounded_memory`` runs every large residual block
-and upsampling layer tile by tile instead, so that only the block's input and its output exist at
-full size, plus one tile's worth of temporaries:
+Where the memory goes: the encoder's first levels and the decoder's last ones work at the image's
+resolution, where one feature map of a large image is gigabytes (128 channels at 4096x4096 in
+float32: 8.6 GB), and an untiled residual block holds four or five of them at once.
 
-- each tile is computed with a halo of one pixel per 3x3 convolution and only its core is kept, so
-  the convolutions see exactly the pixels they see untiled;
-- GroupNorm uses the statistics of the whole image, never of one tile (per-tile statistics cause
-  seams and tone shifts between tiles): the first norm's statistics are taken from the whole input,
-  which is at hand; the second norm's, which depend on the first convolution everywhere, are
-  gathered over the cores of all tiles in a first pass that computes only that convolution.
+``bounded_memory`` runs those parts of the network in horizontal bands instead. The high-resolution
+chain of each coder (the encoder's ``conv_in`` and down levels, the decoder's up levels and output
+layers) is cut into *segments* at the maps small enough to keep whole (*checkpoints*: the maps at
+the lower resolutions); a segment whose work exceeds the budget is computed band by band, from its
+whole input to its whole output, and its intermediate maps never exist at full size. The decoder's
+last segment ends at the 3-channel image: the full-resolution feature maps of a large image are
+never held at all.
 
-The result equals the untiled network up to float rounding (tests/test_tiling.py). The cost is the
-first convolution of each tiled block computed twice. Attention blocks (the middle one, at the
-latent resolution) run whole, with the memory-efficient attention kernel.
+Exactness (tests/test_tiling.py, tests/test_large_images.py):
+
+- every band is computed with the rows around it that its convolutions need (a halo: one row per
+  3x3 convolution on each side, scaled through the up- and downsamplings), and only its own rows
+  are kept, so every convolution sees exactly the pixels it sees untiled; zero padding is applied
+  only at the image's real borders;
+- GroupNorm uses the statistics of the whole image, never of one band (per-band statistics cause
+  seams and tone shifts between bands). A norm whose input is the segment's input takes them from
+  that map; any later norm's input does not exist whole, so a first pass over the bands computes
+  the segment up to that norm (with the statistics already known) and accumulates the sums of that
+  norm's input over the bands' own rows (Chan et al.'s pairwise merge, in float64).
+
+So the result equals the untiled network's up to float summation order (about 1e-6). The price is
+computation: a segment with K norms computes its first layers up to K+1 times. Checkpoints keep K
+small where the budget allows (each residual block alone costs one extra convolution); only when
+even the full-resolution maps do not fit is the whole full-resolution part one segment (the
+decoder's last level of the SD architecture: about 4x the work of that level).
+
+Attention blocks (the middle one at the latent resolution, and any at a level) mix every position
+with every other: they run whole, on a whole map.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .blocks import ResnetBlock, Upsample, norm_swish
+from .blocks import AttnBlock, Downsample, ResnetBlock, Upsample, norm_swish
+from .coders import _NO_FEATURES, Decoder, Encoder
 
 log = logging.getLogger(__name__)
 
-LIVE_TENSORS = 5  # activations alive at once in an untiled residual block
-
-
-@dataclass(frozen=True)
-class Tile:
-    """A rectangle of a feature map: the extent computed (core plus halo) and the core kept."""
-
-    y0: int
-    y1: int
-    x0: int
-    x1: int
-    core_y0: int
-    core_y1: int
-    core_x0: int
-    core_x1: int
-
-    def source(self, t: torch.Tensor) -> torch.Tensor:
-        return t[:, :, self.y0 : self.y1, self.x0 : self.x1]
-
-    def core_of(self, t: torch.Tensor, scale: int = 1) -> torch.Tensor:
-        """The core of a tile-shaped result (``scale`` times the tile's size)."""
-        return t[
-            :,
-            :,
-            (self.core_y0 - self.y0) * scale : (self.core_y1 - self.y0) * scale,
-            (self.core_x0 - self.x0) * scale : (self.core_x1 - self.x0) * scale,
-        ]
-
-    def core_in(self, t: torch.Tensor, scale: int = 1) -> torch.Tensor:
-        """Where the core goes in a whole-image result ``scale`` times the source's size."""
-        return t[:, :, self.core_y0 * scale : self.core_y1 * scale, self.core_x0 * scale : self.core_x1 * scale]
-
-
-def tiles(height: int, width: int, size: int, halo: int) -> list[Tile]:
-    """Cover a (height, width) map with cores of ``size`` pixels and halos of ``halo``."""
-    out = []
-    for cy in range(0, height, size):
-        for cx in range(0, width, size):
-            cy1, cx1 = min(cy + size, height), min(cx + size, width)
-            out.append(
-                Tile(max(0, cy - halo), min(height, cy1 + halo), max(0, cx - halo), min(width, cx1 + halo), cy, cy1, cx, cx1)
-            )
-    return out
+LIVE_TENSORS = 5  # maps of the block's size alive at once in an untiled residual block
+MIN_BAND_ROWS = 8  # below this the halos would cost more than the bands
 
 
 # --- whole-image GroupNorm statistics --------------------------------------------------------
@@ -109,14 +85,13 @@ class _Stats:
 
 
 def whole_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """GroupNorm mean and variance of a whole map, one group at a time (no full-size float copy)."""
-    stats = [_Stats() for _ in range(groups)]
-    per = x.shape[1] // groups
-    for g, s in enumerate(stats):
-        s.add(x[:, g * per : (g + 1) * per], 1)
-    mean = torch.cat([s.mean_var()[0] for s in stats], dim=1)
-    var = torch.cat([s.mean_var()[1] for s in stats], dim=1)
-    return mean, var
+    """GroupNorm mean and variance of a whole map, a few rows at a time (no full-size float copy)."""
+    stats = _Stats()
+    row_bytes = x.shape[0] * x.shape[1] * x.shape[3] * 4
+    rows = max(1, (32 * 2**20) // max(1, row_bytes))
+    for r in range(0, x.shape[2], rows):
+        stats.add(x[:, :, r : r + rows], groups)
+    return stats.mean_var()
 
 
 def _normalise(norm: nn.GroupNorm, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
@@ -131,81 +106,446 @@ def _normalise(norm: nn.GroupNorm, x: torch.Tensor, mean: torch.Tensor, var: tor
     return torch.addcmul(shift[:, :, None, None], x.float(), scale[:, :, None, None])
 
 
-@contextlib.contextmanager
-def _fixed_stats(norm: nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor) -> Iterator[None]:
-    norm.forward = lambda x: _normalise(norm, x, mean, var)  # the instance attribute shadows the method
-    try:
-        yield
-    finally:
-        del norm.forward
+# --- bands of rows --------------------------------------------------------------------------------
 
 
-# --- tiled layers ---------------------------------------------------------------------------------
+@dataclass
+class _Band:
+    """Rows ``[r0, r0 + rows)`` of a map ``height`` rows high (all its columns and channels)."""
+
+    t: torch.Tensor
+    r0: int
+    height: int
+
+    @property
+    def r1(self) -> int:
+        return self.r0 + self.t.shape[2]
+
+    def rows(self, lo: int, hi: int) -> _Band:
+        if not self.r0 <= lo <= hi <= self.r1:
+            raise AssertionError(f"band has rows [{self.r0}, {self.r1}), [{lo}, {hi}) asked")
+        return _Band(self.t[:, :, lo - self.r0 : hi - self.r0], lo, self.height)
 
 
-def _tiled_resnet_block(block: ResnetBlock, x: torch.Tensor, size: int) -> torch.Tensor:
-    layout = tiles(x.shape[2], x.shape[3], size, halo=2)  # two 3x3 convolutions
-    mean1, var1 = whole_stats(x, block.norm1.num_groups)
-    with _fixed_stats(block.norm1, mean1, var1):
-        gathered = _Stats()
-        for t in layout:  # pass 1: the second norm's statistics, from the first convolution's cores
-            h = block.conv1(norm_swish(block.norm1, t.source(x)))
-            gathered.add(t.core_of(h), block.norm2.num_groups)
-            del h
-        out = None
-        with _fixed_stats(block.norm2, *gathered.mean_var()):
-            for t in layout:  # pass 2: the block itself
-                result = ResnetBlock.forward(block, t.source(x))
-                if out is None:
-                    out = x.new_empty((x.shape[0], result.shape[1], *x.shape[2:]), dtype=result.dtype)
-                t.core_in(out).copy_(t.core_of(result))
-    return out
+# Steps: the layers of the network as operations on bands. Each gives its output map's shape
+# (channels, height, width), the input rows it needs for given output rows, and runs on a band,
+# giving every output row its input band determines exactly.
 
 
-def _tiled_upsample(layer: Upsample, x: torch.Tensor, size: int) -> torch.Tensor:
+class _Conv:
+    """A stride-1 convolution with zero "same" padding (3x3, padding 1; or 1x1)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        k, p = conv.kernel_size[0], conv.padding[0]
+        if conv.kernel_size != (k, k) or conv.padding != (p, p) or k != 2 * p + 1 or conv.stride != (1, 1):
+            raise ValueError(f"not a stride-1 'same' convolution: {conv}")
+        if conv.dilation != (1, 1) or conv.groups != 1 or conv.padding_mode != "zeros":
+            raise ValueError(f"not a plain convolution: {conv}")
+        self.conv, self.pad = conv, p
+
+    def shape(self, c: int, h: int, w: int) -> tuple[int, int, int]:
+        return self.conv.out_channels, h, w
+
+    def need(self, lo: int, hi: int, h: int) -> tuple[int, int]:
+        return max(0, lo - self.pad), min(h, hi + self.pad)
+
+    def run(self, b: _Band, stats) -> _Band:
+        p = self.pad
+        top = p if b.r0 == 0 else 0  # zeros only beyond the map's real borders
+        bottom = p if b.r1 == b.height else 0
+        t = F.pad(b.t, (0, 0, top, bottom)) if top or bottom else b.t
+        return _Band(F.conv2d(t, self.conv.weight, self.conv.bias, 1, (0, p)), b.r0 - top + p, b.height)
+
+
+class _Norm:
+    """GroupNorm with the statistics of the whole map, then swish."""
+
+    def __init__(self, norm: nn.GroupNorm):
+        self.norm = norm
+
+    def shape(self, c: int, h: int, w: int) -> tuple[int, int, int]:
+        return c, h, w
+
+    def need(self, lo: int, hi: int, h: int) -> tuple[int, int]:
+        return lo, hi
+
+    def run(self, b: _Band, stats) -> _Band:
+        return _Band(F.silu(_normalise(self.norm, b.t, *stats[self]), inplace=True), b.r0, b.height)
+
+
+class _Up:
+    """Nearest-neighbour upsampling by 2."""
+
+    def shape(self, c: int, h: int, w: int) -> tuple[int, int, int]:
+        return c, 2 * h, 2 * w
+
+    def need(self, lo: int, hi: int, h: int) -> tuple[int, int]:
+        return lo // 2, min(h, (hi + 1) // 2)
+
+    def run(self, b: _Band, stats) -> _Band:
+        return _Band(F.interpolate(b.t, scale_factor=2.0, mode="nearest"), 2 * b.r0, 2 * b.height)
+
+
+class _Down:
+    """``Downsample``: zero row and column at the bottom and right, then a stride-2 3x3 convolution;
+    or 2x2 average pooling."""
+
+    def __init__(self, layer: Downsample):
+        self.layer = layer
+
+    def shape(self, c: int, h: int, w: int) -> tuple[int, int, int]:
+        if self.layer.with_conv:
+            return c, (h - 2) // 2 + 1, (w - 2) // 2 + 1
+        return c, h // 2, w // 2
+
+    def need(self, lo: int, hi: int, h: int) -> tuple[int, int]:
+        return 2 * lo, min(h, 2 * hi + (1 if self.layer.with_conv else 0))
+
+    def run(self, b: _Band, stats) -> _Band:
+        t, r0 = b.t, b.r0
+        if r0 % 2:  # output rows start at even input rows
+            t, r0 = t[:, :, 1:], r0 + 1
+        out_h = self.shape(1, b.height, 1)[1]
+        if self.layer.with_conv:
+            t = F.pad(t, (0, 1, 0, 1 if b.r1 == b.height else 0))
+            conv = self.layer.conv
+            return _Band(F.conv2d(t, conv.weight, conv.bias, 2, 0), r0 // 2, out_h)
+        return _Band(F.avg_pool2d(t, kernel_size=2, stride=2), r0 // 2, out_h)
+
+
+class _Push:
+    """Keep the band for a residual connection."""
+
+    def shape(self, c: int, h: int, w: int) -> tuple[int, int, int]:
+        return c, h, w
+
+
+class _Add:
+    """Add the kept band (through the block's 1x1 shortcut convolution, if any), as ``ResnetBlock``."""
+
+    def __init__(self, block: ResnetBlock):
+        self.shortcut = block.nin_shortcut if block.in_channels != block.out_channels else None
+
+    def shape(self, c: int, h: int, w: int) -> tuple[int, int, int]:
+        return c, h, w
+
+    def run(self, b: _Band, kept: _Band) -> _Band:
+        x = kept.rows(b.r0, b.r1).t
+        if self.shortcut is not None:
+            x = self.shortcut(x)
+        return _Band(x + b.t, b.r0, b.height)
+
+
+def _needs(steps: Sequence, shapes: Sequence[tuple[int, int, int]], lo: int, hi: int) -> list[tuple[int, int]]:
+    """For output rows [lo, hi) of ``steps``: the rows each step's input must have."""
+    needs: list[tuple[int, int]] = [(lo, hi)] * (len(steps) + 1)
+    kept = []  # rows the residual additions need of their kept bands
+    for j in reversed(range(len(steps))):
+        step = steps[j]
+        if isinstance(step, _Add):
+            kept.append((lo, hi))
+        elif isinstance(step, _Push):
+            if kept:  # (a prefix of the steps may end inside a block, before its addition)
+                klo, khi = kept.pop()
+                lo, hi = min(lo, klo), max(hi, khi)
+        else:
+            lo, hi = step.need(lo, hi, shapes[j][1])
+        needs[j] = (lo, hi)
+    return needs
+
+
+def _forward(steps: Sequence, shapes, x: torch.Tensor, lo: int, hi: int, stats) -> _Band:
+    """Rows [lo, hi) of the output of ``steps`` on the whole map ``x``, computed from its rows around them."""
+    needs = _needs(steps, shapes, lo, hi)
+    band = _Band(x, 0, x.shape[2]).rows(*needs[0])
+    kept = []
+    for j, step in enumerate(steps):
+        if isinstance(step, _Push):
+            kept.append(band)
+        elif isinstance(step, _Add):
+            band = step.run(band, kept.pop())
+        else:
+            band = step.run(band, stats)
+        band = band.rows(*needs[j + 1])  # drop what no later step needs
+    return band
+
+
+def _band_bytes(steps: Sequence, shapes, batch: int, lo: int, hi: int) -> int:
+    """The most memory a band's computation holds at once (each step's input, padded copy, output,
+    and the band kept for a residual connection)."""
+    needs = _needs(steps, shapes, lo, hi)
+
+    def nbytes(j: int) -> int:
+        c, _, w = shapes[j]
+        return batch * c * w * (needs[j][1] - needs[j][0]) * 4
+
+    most = kept = 0
+    for j, step in enumerate(steps):
+        if isinstance(step, _Push):
+            kept = nbytes(j)
+        most = max(most, kept + 2 * nbytes(j) + nbytes(j + 1))
+        if isinstance(step, _Add):
+            kept = 0
+    return most
+
+
+def _bands(steps: Sequence, shapes, batch: int, budget: int) -> list[tuple[int, int]]:
+    """Row ranges covering the output of ``steps``, each band's work within ``budget`` where it can be."""
+    height = shapes[-1][1]
+
+    def fits(rows: int) -> bool:
+        lo = max(0, (height - rows) // 2)  # a band in the middle: halos on both sides
+        return _band_bytes(steps, shapes, batch, lo, lo + rows) <= budget
+
+    small, large = 0, height  # largest band that fits, by bisection
+    while small < large:
+        mid = (small + large + 1) // 2
+        if fits(mid):
+            small = mid
+        else:
+            large = mid - 1
+    rows = max(small, min(height, MIN_BAND_ROWS))
+    count = -(-height // rows)
+    rows = -(-height // count)  # even the bands out
+    return [(r, min(r + rows, height)) for r in range(0, height, rows)]
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _run_banded(steps: Sequence, x: torch.Tensor, budget: int) -> torch.Tensor:
+    """``steps`` on the whole map ``x``, band by band, with whole-map GroupNorm statistics."""
+    shapes = [tuple(x.shape[1:])]
+    for step in steps:
+        shapes.append(step.shape(*shapes[-1]))
+    batch = x.shape[0]
+    stats: dict = {}
+    for i, step in enumerate(steps):
+        if not isinstance(step, _Norm):
+            continue
+        groups = step.norm.num_groups
+        if all(isinstance(s, _Push) for s in steps[:i]):  # the norm of the segment's input
+            stats[step] = whole_stats(x, groups)
+            continue
+        gathered = _Stats()  # a pass over the bands of this norm's input, for its statistics
+        for lo, hi in _bands(steps[:i], shapes[: i + 1], batch, budget):
+            gathered.add(_forward(steps[:i], shapes[: i + 1], x, lo, hi, stats).t, groups)
+        stats[step] = gathered.mean_var()
     out = None
-    for t in tiles(x.shape[2], x.shape[3], size, halo=1):  # one 3x3 convolution at twice the size
-        result = Upsample.forward(layer, t.source(x))
+    for lo, hi in _bands(steps, shapes, batch, budget):
+        band = _forward(steps, shapes, x, lo, hi, stats).t
         if out is None:
-            out = x.new_empty((x.shape[0], result.shape[1], 2 * x.shape[2], 2 * x.shape[3]), dtype=result.dtype)
-        t.core_in(out, 2).copy_(t.core_of(result, 2))
+            out = torch.empty((batch, *shapes[-1]), dtype=band.dtype, device=band.device, memory_format=_memory_format(band))
+        out[:, :, lo:hi].copy_(band)
+        del band
     return out
 
 
-def tile_side(channels: int, budget: int, element_size: int = 4, scale: int = 1) -> int:
-    """Tile side (pixels) whose temporaries fit ``budget`` bytes."""
-    return max(16, int(math.sqrt(budget / (LIVE_TENSORS * channels * element_size * scale * scale))))
+# --- the coders as chains of units ----------------------------------------------------------------
+
+
+@dataclass
+class _Unit:
+    """One layer of a coder: its steps, its own untiled forward, and whether it must run whole."""
+
+    steps: list
+    whole: Callable[[torch.Tensor], torch.Tensor]
+    barrier: bool = False  # attention: whole input, whole output
+
+    def shape(self, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        for step in self.steps:
+            shape = step.shape(*shape)
+        return shape
+
+
+def _block_unit(block: ResnetBlock) -> _Unit:
+    steps = [_Push(), _Norm(block.norm1), _Conv(block.conv1), _Norm(block.norm2), _Conv(block.conv2), _Add(block)]
+    return _Unit(steps, lambda x: ResnetBlock.forward(block, x))
+
+
+def _upsample_unit(layer: Upsample) -> _Unit:
+    steps = [_Up(), _Conv(layer.conv)] if layer.with_conv else [_Up()]
+    return _Unit(steps, lambda x: Upsample.forward(layer, x))
+
+
+def _attn_unit(attn: AttnBlock) -> _Unit:
+    return _Unit([], attn, barrier=True)
+
+
+def _decoder_units(decoder: Decoder) -> list[_Unit]:
+    """``Decoder.run_high_res`` as units."""
+    units = []
+    for i_level in reversed(range(decoder.num_resolutions)):
+        up = decoder.up[i_level]
+        for i_block, block in enumerate(up.block):
+            units.append(_block_unit(block))
+            if len(up.attn) > 0:
+                units.append(_attn_unit(up.attn[i_block]))
+        if i_level != 0:
+            units.append(_upsample_unit(up.upsample))
+    if not decoder.give_pre_end:
+        units.append(
+            _Unit(
+                [_Norm(decoder.norm_out), _Conv(decoder.conv_out)],
+                lambda h: decoder.conv_out(norm_swish(decoder.norm_out, h)),
+            )
+        )
+    return units
+
+
+def _encoder_units(encoder: Encoder) -> list[_Unit]:
+    """``Encoder.run_high_res`` as units."""
+    units = [_Unit([_Conv(encoder.conv_in)], encoder.conv_in)]
+    for i_level, down in enumerate(encoder.down):
+        for i_block, block in enumerate(down.block):
+            units.append(_block_unit(block))
+            if len(down.attn) > 0:
+                units.append(_attn_unit(down.attn[i_block]))
+        if i_level != encoder.num_resolutions - 1:
+            units.append(_Unit([_Down(down.downsample)], lambda x, d=down.downsample: Downsample.forward(d, x)))
+    return units
+
+
+def _step_flops(step, shape_in: tuple[int, int, int], shape_out: tuple[int, int, int]) -> float:
+    """Rough work of one step on one image (convolutions' multiply-adds; elementwise work)."""
+    c_out, h, w = shape_out
+    if isinstance(step, (_Conv, _Down)):
+        conv = step.conv if isinstance(step, _Conv) else step.layer.conv if step.layer.with_conv else None
+        if conv is not None:
+            return 2.0 * c_out * h * w * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    if isinstance(step, _Add) and step.shortcut is not None:
+        return 2.0 * c_out * h * w * step.shortcut.in_channels
+    return 8.0 * c_out * h * w
+
+
+def _banded_flops(steps: Sequence, shapes) -> float:
+    """Work of ``_run_banded``: one pass up to each norm whose input is not the segment's, one in all."""
+    flops = [_step_flops(step, shapes[j], shapes[j + 1]) for j, step in enumerate(steps)]
+    total = sum(flops)
+    for i, step in enumerate(steps):
+        if isinstance(step, _Norm) and not all(isinstance(s, _Push) for s in steps[:i]):
+            total += sum(flops[:i])
+    return total
+
+
+def _plan(units: list[_Unit], shapes, batch: int, budget: int) -> list[tuple[int, int, bool]]:
+    """Segments ``(start, end, banded)`` covering ``units``: the least memory beyond ``budget``
+    first, then the least work (dynamic programming over the boundaries kept whole)."""
+    n = len(units)
+
+    def nbytes(i: int) -> int:
+        c, h, w = shapes[i]
+        return batch * c * h * w * 4
+
+    steps_of = [u.steps for u in units]
+    unit_shapes = []  # shapes at each step of each unit
+    for i, unit in enumerate(units):
+        sh = [shapes[i]]
+        for step in unit.steps:
+            sh.append(step.shape(*sh[-1]))
+        unit_shapes.append(sh)
+    best: list = [None] * (n + 1)
+    best[0] = (0, 0.0, None)  # (memory beyond the budget, work, (start, banded))
+    for end in range(1, n + 1):
+        for start in range(end - 1, -1, -1):
+            segment = units[start:end]
+            if len(segment) > 1 and segment[0].barrier:
+                break  # attention runs whole, alone
+            if len(segment) > 1 and segment[-1].barrier:
+                continue
+            options = []
+            if len(segment) == 1:
+                unit = segment[0]
+                whole = 0 if unit.barrier else LIVE_TENSORS * max(nbytes(start), nbytes(end))
+                work = sum(_step_flops(st, unit_shapes[start][j], unit_shapes[start][j + 1]) for j, st in enumerate(unit.steps))
+                options.append((max(0, whole - budget), work, False))
+            if not segment[0].barrier:
+                steps = [st for u in segment for st in u.steps]
+                sh = [shapes[start]] + [x for k in range(start, end) for x in unit_shapes[k][1:]]
+                held = nbytes(start) + nbytes(end)
+                options.append((max(0, held - budget * 3 // 4), _banded_flops(steps, sh) * batch, True))
+            before_excess, before_work, _ = best[start]
+            for excess, work, banded in options:
+                candidate = (max(before_excess, excess), before_work + work * (1 if banded else batch), (start, banded))
+                if best[end] is None or candidate[:2] < best[end][:2]:
+                    best[end] = candidate
+    plan, end = [], n
+    while end > 0:
+        start, banded = best[end][2]
+        plan.append((start, end, banded))
+        end = start
+    return plan[::-1]
+
+
+def _run_units(units: list[_Unit], inputs: list[torch.Tensor], budget: int) -> torch.Tensor:
+    """Run ``units`` on ``inputs.pop()`` within about ``budget`` bytes of working memory: each
+    segment of the plan untiled if its work fits, else band by band between its input and output,
+    kept whole. (The input comes in a list so that no caller's reference keeps it alive.)"""
+    x = inputs.pop()
+    batch = x.shape[0]
+    shapes = [tuple(x.shape[1:])]
+    for unit in units:
+        shapes.append(unit.shape(shapes[-1]))
+    for start, end, banded in _plan(units, shapes, batch, budget):
+        if not banded:
+            x = units[start].whole(x)
+            continue
+        c0, h0, w0 = shapes[start]
+        c1, h1, w1 = shapes[end]
+        held = batch * 4 * (c0 * h0 * w0 + c1 * h1 * w1)
+        log.debug("units %d-%d in bands (%d MB held whole)", start, end - 1, held >> 20)
+        x = _run_banded([step for u in units[start:end] for step in u.steps], x, max(budget - held, budget // 4))
+    return x
+
+
+def _plain(module: nn.Module) -> bool:
+    """Whether ``module`` should run as written: gradients wanted, or training (dropout)."""
+    return torch.is_grad_enabled() or module.training
 
 
 @contextlib.contextmanager
 def bounded_memory(model: nn.Module, budget: int) -> Iterator[None]:
-    """Within, the residual blocks and upsampling layers of ``model`` whose activations would take
-    more than ``budget`` bytes run tile by tile (with the untiled result)."""
-    patched = []
+    """Within, ``model``'s encoders and decoders (and its residual blocks and upsampling layers
+    called on their own) keep their working memory within about ``budget`` bytes, computing in bands
+    what does not fit, with the untiled result. Without gradients only: training runs as written."""
+    patched: list[tuple[nn.Module, str]] = []
 
-    def block_forward(block: ResnetBlock, x: torch.Tensor) -> torch.Tensor:
-        widest = max(block.in_channels, block.out_channels)
-        if x.shape[2] * x.shape[3] * x.shape[0] * widest * 4 * LIVE_TENSORS <= budget:
-            return ResnetBlock.forward(block, x)
-        return _tiled_resnet_block(block, x, tile_side(widest * x.shape[0], budget // 4))
-
-    def upsample_forward(layer: Upsample, x: torch.Tensor) -> torch.Tensor:
-        if not layer.with_conv or x[0, 0].numel() * 4 * x.shape[0] * x.shape[1] * 4 * 2 <= budget:
-            return Upsample.forward(layer, x)
-        return _tiled_upsample(layer, x, tile_side(x.shape[1] * x.shape[0], budget // 4, scale=2))
+    def patch(module: nn.Module, name: str, fn: Callable) -> None:
+        setattr(module, name, fn)  # the instance attribute shadows the method
+        patched.append((module, name))
 
     for module in model.modules():
-        if isinstance(module, ResnetBlock):
-            module.forward = lambda x, m=module: block_forward(m, x)
-            patched.append(module)
-        elif isinstance(module, Upsample):
-            module.forward = lambda x, m=module: upsample_forward(m, x)
-            patched.append(module)
+        if isinstance(module, (Encoder, Decoder)):
+            make_units = _encoder_units if isinstance(module, Encoder) else _decoder_units
+
+            def run_high_res(h, keep=_NO_FEATURES, m=module, make_units=make_units):
+                if keep is not _NO_FEATURES or _plain(m):  # features wanted: every map, whole
+                    return type(m).run_high_res(m, h, keep)
+                held = [h]
+                del h  # (so that the input map is freed as soon as the first segment is done)
+                return _run_units(make_units(m), held, budget)
+
+            patch(module, "run_high_res", run_high_res)
+        elif isinstance(module, (ResnetBlock, Upsample)):
+            unit_of = _block_unit if isinstance(module, ResnetBlock) else _upsample_unit
+
+            def forward(x, m=module, unit_of=unit_of):
+                if _plain(m):
+                    return type(m).forward(m, x)
+                return _run_units([unit_of(m)], [x], budget)
+
+            patch(module, "forward", forward)
     try:
         yield
     finally:
-        for module in patched:
-            del module.forward
+        for module, name in patched:
+            delattr(module, name)
+
+
+# --- the budget -----------------------------------------------------------------------------------
 
 
 def available_memory() -> int:
@@ -221,8 +561,8 @@ def available_memory() -> int:
 
 
 def default_budget() -> int:
-    """A quarter of the memory available now for one layer's temporaries: the layer's input and
-    output, the model and the images need the rest."""
+    """A quarter of the memory available now: the model, the images, the batches waiting and other
+    programs need the rest."""
     return available_memory() // 4
 
 
@@ -242,4 +582,4 @@ def parse_size(text: str) -> int:
     return int(value * units[unit])
 
 
-__all__ = ["bounded_memory", "default_budget", "parse_size", "tiles", "whole_stats"]
+__all__ = ["available_memory", "bounded_memory", "default_budget", "parse_size", "whole_stats"]
