@@ -6,8 +6,8 @@ in the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE
 rendezvous address); across nodes, torchrun's ``--nnodes`` and ``--rdzv-*`` options do the same.
 Each process takes its own share of the inputs (``vqcli.shards``) and works alone; they talk only
 at the start (all must have found the same inputs; ``--sample`` without ``--seed`` uses rank 0's
-seed) and at the end (per-process summaries gathered, so that every process exits with the code of
-the whole run and rank 0 can print it).
+seed) and at the end (per-process summaries gathered, so that rank 0 prints the whole run's
+summary and exits with its code).
 
 Decisions:
 
@@ -174,6 +174,14 @@ def from_main(ctx: Context, obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def barrier(ctx: Context) -> None:
+    """Wait until every process is here."""
+    if ctx.active:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def check_same(ctx: Context, value: Any, message: str) -> None:
