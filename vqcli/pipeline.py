@@ -2,8 +2,7 @@
 
 ``encode_files`` and ``decode_files`` are generators of ``FileResult``. Each is a chain of small
 stages, each one function, so that each can be replaced on its own (tiling for large images in
-``compute``, loading in worker threads in place of ``each_job``, a share of the inputs per
-process in front of ``find_jobs``):
+``compute``, a share of the inputs per process in front of ``find_jobs``):
 
     find_jobs          walk the inputs (streaming), name each output, refuse collisions; tar
                        shards become a ``TarJob`` each (``find_units``); or, from a manifest,
@@ -15,12 +14,15 @@ process in front of ``find_jobs``):
     check_existing     skip finished outputs (resume); never touch files vqcli did not write
     prepare_image      load, pad and record the original size  |  prepare_latent: read, validate,
                                                                    choose and check the model
+                       (``io_threads``: in worker threads, ahead of the model, in order)
     batched            group items of equal shape, at most ``batch_size``, few held back
     compute            run the model on a batch under inference mode; a batch that fails is
                        retried one item at a time; non-finite outputs in reduced precision are
                        redone in float32 (reported in the result)
     write_latent / save_image   atomic writes (temporary name, then rename); with
-                       ``--tar-output``, a tar shard's latents go into one tar written atomically
+                       ``--tar-output``, a tar shard's latents go into one tar written atomically;
+                       (``io_threads``: on one thread behind the model, in order; on Ctrl-C the
+                       writes under way finish and are reported, see ``cli.common.last_results``)
 
 A failure in one file (``FileError``) becomes that file's result and the others go on. Memory
 stays flat over any number of files: files are found while they are processed (a share needs
@@ -45,6 +47,7 @@ import itertools
 import logging
 import os
 import secrets
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
@@ -59,6 +62,7 @@ from .accel import compute_context, memory_format_for
 from .autoencoder import AutoEncoder
 from .errors import FileError, UsageError, VqcliError
 from .fileio import TMP_PREFIX, is_out_of_space, sweep_stale
+from .overlap import WriteBehind, ordered_map
 from .images import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, format_matches, is_image_path, load_image, save_image
 from .images import written_by_vqcli
 from .manifest import Entry
@@ -740,6 +744,7 @@ class EncodeOptions:
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     max_memory: int | None = None  # bytes for one layer's work; None: from the free memory
     tar_output: bool = False  # a tar shard's latents go into one tar, not a folder
+    io_threads: int = 1  # threads loading images ahead (plus one writing behind); 0: none
 
 
 def encode_files(
@@ -781,19 +786,29 @@ def _encode_stream(jobs, model, ref, seed, batch_size, dtype, options, put=None)
         lambda job: prepare_image(job, model, max_pixels=options.max_pixels),
         overwrite=options.overwrite,
         ours=lat.is_latent_file,
+        workers=options.io_threads,
+        ahead=2 * batch_size + 1,
     )
-    for batch in batched(stream, batch_size):
-        if isinstance(batch, FileResult):
-            yield batch
-            continue
-        if options.sample:
-            image_seed = derive_seed(seed, batch[0].job.rel)
-            batch[0].info["seed"] = image_seed
-            fn = _encode_fn(model.config.kind, sample=True, scaled=options.scaled, seed=image_seed)
-        else:
-            fn = _encode_fn(model.config.kind, sample=False, scaled=options.scaled, seed=None)
-        for item, out, redone in compute(batch, fn, dtype, options.max_memory):
-            yield _finish_encode(item, out, redone, ref, options, put)
+    writer = WriteBehind(enabled=options.io_threads > 0)
+    try:
+        for batch in batched(stream, batch_size):
+            if isinstance(batch, FileResult):
+                yield batch
+                continue
+            if options.sample:
+                image_seed = derive_seed(seed, batch[0].job.rel)
+                batch[0].info["seed"] = image_seed
+                fn = _encode_fn(model.config.kind, sample=True, scaled=options.scaled, seed=image_seed)
+            else:
+                fn = _encode_fn(model.config.kind, sample=False, scaled=options.scaled, seed=None)
+            for item, out, redone in compute(batch, fn, dtype, options.max_memory):
+                yield from writer.submit(lambda a=(item, out, redone): _finish_encode(*a, ref, options, put))
+        yield from writer.drain()
+    except KeyboardInterrupt:
+        yield from writer.drain()  # files being written are finished: report them
+        raise
+    finally:
+        writer.close()
 
 
 def _encode_into_tar(tar: TarJob, model, ref, seed, batch_size, dtype, options) -> Iterator[FileResult]:
@@ -848,22 +863,26 @@ def derive_seed(seed: int, rel: PurePosixPath) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def each_job(jobs, prepare: Callable[[Job], Any], *, overwrite: bool, ours) -> Iterator[Any]:
+def each_job(
+    jobs, prepare: Callable[[Job], Any], *, overwrite: bool, ours, workers: int = 0, ahead: int = 4
+) -> Iterator[Any]:
     """``prepare(job)`` for each job whose output is not in the way; failed or skipped results
-    pass through, and a ``FileError`` becomes that job's failed result."""
-    for job in jobs:
+    pass through, and a ``FileError`` becomes that job's failed result. With ``workers``, that
+    many threads prepare up to ``ahead`` jobs ahead of the consumer (results in order)."""
+
+    def one(job):
         if isinstance(job, FileResult):
-            yield job
-            continue
+            return job
         sweep_stale(job.output.parent)  # what killed runs left there (once per folder)
         done = check_existing(job, overwrite=overwrite, ours=ours)
         if done is not None:
-            yield done
-            continue
+            return done
         try:
-            yield prepare(job)
+            return prepare(job)
         except FileError as e:
-            yield _from_error(job, e)
+            return _from_error(job, e)
+
+    yield from ordered_map(one, jobs, workers=workers, ahead=ahead)
 
 
 def prepare_image(job: Job, model: AutoEncoder, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Item:
@@ -934,6 +953,7 @@ class DecodeOptions:
     quality: int = 95
     overwrite: bool = False
     max_memory: int | None = None  # bytes for one layer's work; None: from the free memory
+    io_threads: int = 1  # threads reading latents ahead (plus one writing images behind); 0: none
 
 
 class ModelChooser:
@@ -960,12 +980,17 @@ class ModelChooser:
         self._embedded: dict[str, AutoEncoder | VqcliError] = {}
         self._views: dict[tuple, AutoEncoder] = {}
         self._dtypes: dict[int, torch.dtype] = {}  # id(model or view) -> its precision under auto
+        self._lock = threading.Lock()
 
     def dtype_for(self, model: AutoEncoder) -> torch.dtype:
         """The precision to compute ``model`` (as this chooser returned it) in."""
         return self._dtypes.get(id(model), self.dtype or torch.float32)
 
     def __call__(self, path: Path, meta: lat.LatentMeta) -> AutoEncoder:
+        with self._lock:  # latents are read (and models loaded) from worker threads
+            return self._choose(path, meta)
+
+    def _choose(self, path: Path, meta: lat.LatentMeta) -> AutoEncoder:
         if self.model is not None:
             model, label = self.model, self.label
         elif meta.model_embedded and is_embedded(meta.model):
@@ -1028,15 +1053,25 @@ def decode_files(
         lambda job: prepare_latent(job, models),
         overwrite=options.overwrite,
         ours=written_by_vqcli,
+        workers=options.io_threads,
+        ahead=2 * options.batch_size + 1,
     )
-    for batch in batched(stream, options.batch_size):
-        if isinstance(batch, FileResult):
-            yield batch
-            continue
-        fn = _decode_fn(batch[0].info["kind"], batch[0].info["scaled"])
-        batch_dtype = models.dtype_for(batch[0].model) if models.dtype is None else dtype
-        for item, out, redone in compute(batch, fn, batch_dtype, options.max_memory):
-            yield _finish_decode(item, out, redone, options)
+    writer = WriteBehind(enabled=options.io_threads > 0)
+    try:
+        for batch in batched(stream, options.batch_size):
+            if isinstance(batch, FileResult):
+                yield batch
+                continue
+            fn = _decode_fn(batch[0].info["kind"], batch[0].info["scaled"])
+            batch_dtype = models.dtype_for(batch[0].model) if models.dtype is None else dtype
+            for item, out, redone in compute(batch, fn, batch_dtype, options.max_memory):
+                yield from writer.submit(lambda a=(item, out, redone): _finish_decode(*a, options))
+        yield from writer.drain()
+    except KeyboardInterrupt:
+        yield from writer.drain()  # files being written are finished: report them
+        raise
+    finally:
+        writer.close()
 
 
 def prepare_latent(job: Job, models: ModelChooser) -> Item:

@@ -47,6 +47,15 @@ PresetOpt = Annotated[
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace outputs that exist (vqcli's own only).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary; failures only.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON summary object on stdout.")]
+IoThreadsOpt = Annotated[
+    int,
+    typer.Option(
+        "--io-threads",
+        min=0,
+        help="Threads that read files ahead of the model, plus one that writes behind it (0: read and write "
+        "in turn with the model).",
+    ),
+]
 MaxMemoryOpt = Annotated[
     Optional[str],
     typer.Option(
@@ -231,6 +240,22 @@ class RunReport:
         return self.exit_code()
 
 
+def last_results(results) -> list:
+    """After Ctrl-C reached the caller between two results: the results of the files the stream
+    had finished meanwhile (written behind, in a thread), which it gives up when the interrupt is
+    thrown into it. Empty when the interrupt was raised inside the stream (it reported them then)."""
+    throw = getattr(results, "throw", None)
+    found: list = []
+    if throw is None:
+        return found
+    try:
+        found.append(throw(KeyboardInterrupt()))
+        found.extend(results)
+    except (KeyboardInterrupt, StopIteration):
+        pass
+    return found
+
+
 def run_report(report: RunReport, results) -> None:
     """Feed ``results`` into ``report``, print the summary and exit with its code.
 
@@ -243,6 +268,8 @@ def run_report(report: RunReport, results) -> None:
                 report.add(result)
     except KeyboardInterrupt:
         report.interrupted = True
+        for result in last_results(results):
+            report.add(result)
     except StopRun as e:
         stopped(report, e)
     raise typer.Exit(report.finish())

@@ -12,6 +12,7 @@ from .common import (
     BatchOpt,
     DeviceOpt,
     DtypeOpt,
+    IoThreadsOpt,
     JsonOpt,
     MaxMemoryOpt,
     OptionalModelOpt,
@@ -69,6 +70,7 @@ def decode(
     quality: Annotated[int, typer.Option("--quality", min=1, max=100, help="jpg and webp quality.")] = 95,
     preset: PresetOpt = None,
     max_memory: MaxMemoryOpt = None,
+    io_threads: IoThreadsOpt = 1,
     overwrite: OverwriteOpt = False,
     shard: ShardOpt = None,
     manifest: ManifestOpt = None,
@@ -104,6 +106,7 @@ def decode(
         quality=quality,
         overwrite=overwrite,
         max_memory=scale.max_memory(parse_max_memory(max_memory), torch_device),
+        io_threads=io_threads,
     )
     selection = scale.selection()
     results = decode_files(inputs or [], output, chooser, dtype=torch_dtype, options=options, selection=selection)

@@ -13,6 +13,7 @@ from .common import (
     BatchOpt,
     DeviceOpt,
     DtypeOpt,
+    IoThreadsOpt,
     JsonOpt,
     MaxMemoryOpt,
     MaxPixelsOpt,
@@ -89,6 +90,7 @@ def encode(
     preset: PresetOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     max_memory: MaxMemoryOpt = None,
+    io_threads: IoThreadsOpt = 1,
     overwrite: OverwriteOpt = False,
     tar_output: TarOutputOpt = False,
     shard: ShardOpt = None,
@@ -116,6 +118,7 @@ def encode(
         overwrite=overwrite,
         max_pixels=max_pixels or None,
         max_memory=scale.max_memory(parse_max_memory(max_memory), torch_device),
+        io_threads=io_threads,
         tar_output=tar_output,
     )
     selection = scale.selection()

@@ -9,7 +9,7 @@ code. The work itself is the pipeline's (``vqcli.pipeline.Selection``).
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -18,7 +18,7 @@ import typer
 from ..errors import UsageError
 from ..pipeline import FileResult, StopRun
 from ._app import err_console
-from .common import RunReport, stopped
+from .common import RunReport, last_results, stopped
 
 ShardOpt = Annotated[
     Optional[str],
@@ -158,19 +158,21 @@ class Scale:
             extra["processes"] = self.ctx.world
         return RunReport(command, quiet=quiet or not main, as_json=as_json and main, extra=extra, **kw)
 
-    def results(self, results: Iterable[FileResult]) -> Iterator[FileResult]:
-        """``results``, each recorded in the manifest when there is one."""
-        if not self.record:
-            yield from results
-            return
-        from ..manifest import Recorder
-        from ..pipeline import entry_of
+    def begin(self) -> None:
+        """Start this process's part of the manifest, when there is one (even if it stays empty)."""
+        if self.record:
+            from ..manifest import Recorder
 
-        index, count = (self.share.index, self.share.count) if self.share is not None else (0, 1)
-        self.recorder = Recorder(self.output, index, count)
-        for result in results:
+            index, count = (self.share.index, self.share.count) if self.share is not None else (0, 1)
+            self.recorder = Recorder(self.output, index, count)
+
+    def add(self, report: RunReport, result: FileResult) -> None:
+        """Count ``result`` in ``report`` and record it in the manifest when there is one."""
+        if self.recorder is not None:
+            from ..pipeline import entry_of
+
             self.recorder.add(entry_of(result, self.output))
-            yield result
+        report.add(result)
 
     def finish_manifest(self) -> None:
         """Put this process's part of the manifest in place (and merge, if it is the last)."""
@@ -262,10 +264,13 @@ def run(report: RunReport, results: Iterable[FileResult], scale: Scale, **finish
     try:
         try:
             with report:
-                for result in scale.results(results):
-                    report.add(result)
+                scale.begin()
+                for result in results:
+                    scale.add(report, result)
         except KeyboardInterrupt:
             report.interrupted = True
+            for result in last_results(results):
+                scale.add(report, result)
         except StopRun as e:
             stopped(report, e)
         except BaseException:

@@ -1,0 +1,142 @@
+"""Reading ahead and writing behind in threads: same results, in order, bounded, errors in place."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from vqcli.autoencoder import AutoEncoder
+from vqcli.cli import app
+from vqcli.overlap import WriteBehind, ordered_map
+
+from conftest import TINY_KL, randomize_
+
+
+def test_ordered_map_keeps_order_whatever_finishes_first():
+    delays = [random.Random(i).random() * 0.02 for i in range(40)]
+
+    def slow(i):
+        time.sleep(delays[i])
+        return i * i
+
+    assert list(ordered_map(slow, range(40), workers=4, ahead=6)) == [i * i for i in range(40)]
+    assert list(ordered_map(slow, range(5), workers=0, ahead=6)) == [0, 1, 4, 9, 16]
+
+
+def test_ordered_map_runs_at_most_ahead_calls_beyond_the_consumer():
+    started, lock = [], threading.Lock()
+
+    def note(i):
+        with lock:
+            started.append(i)
+        return i
+
+    consumed = 0
+    for value in ordered_map(note, range(100), workers=3, ahead=5):
+        consumed += 1
+        time.sleep(0.002)
+        with lock:
+            assert len(started) <= consumed + 5
+    assert consumed == 100
+
+
+def test_ordered_map_raises_at_the_failing_items_turn():
+    def fn(i):
+        if i == 3:
+            raise ValueError("three")
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match="three"):
+        for value in ordered_map(fn, range(10), workers=2, ahead=4):
+            got.append(value)
+    assert got == [0, 1, 2]
+
+
+def test_write_behind_keeps_order_and_drains():
+    order, results = [], []
+    with WriteBehind(depth=2) as writer:
+        for i in range(10):
+            def job(i=i):
+                time.sleep(0.005 * (i % 3))
+                order.append(i)
+                return i
+
+            results += writer.submit(job)
+        results += writer.drain()
+    assert order == list(range(10)) and results == list(range(10))
+
+
+def test_write_behind_finishes_submitted_writes_when_closed_early():
+    done = []
+    writer = WriteBehind(depth=8)
+    for i in range(4):
+        writer.submit(lambda i=i: (time.sleep(0.01), done.append(i)))
+    writer.close()  # as when the run stops: nothing submitted is left half-done
+    assert done == [0, 1, 2, 3]
+
+
+def test_cli_results_do_not_depend_on_io_threads(tmp_path):
+    """Latents and images are bit-identical with 0, 1 and 3 I/O threads; a broken file fails the
+    same way; the summaries agree."""
+    model = tmp_path / "m.safetensors"
+    randomize_(AutoEncoder(TINY_KL), 4).save(model)
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i, (h, w) in enumerate([(24, 32), (24, 32), (40, 28), (24, 32), (33, 17), (24, 32)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(src / ("sub" if i % 2 else "") / f"{i}.png")
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    runner = CliRunner()
+    summaries, latents, images = {}, {}, {}
+    for threads in ("0", "1", "3"):
+        lat, rec = tmp_path / f"lat{threads}", tmp_path / f"rec{threads}"
+        common = ["--model", str(model), "--io-threads", threads, "--batch-size", "2", "--json"]
+        enc = runner.invoke(app, ["encode", str(src), "-o", str(lat), *common])
+        assert enc.exit_code == 1, enc.output  # the broken file
+        dec = runner.invoke(app, ["decode", str(lat), "-o", str(rec), *common])
+        assert dec.exit_code == 0, dec.output
+        summaries[threads] = {k: json.loads(r.stdout)[k] for r, k in ((enc, "done"), (enc, "failed"))}
+        latents[threads] = {p.relative_to(lat).as_posix(): load_file(p)["latent"] for p in sorted(lat.rglob("*.safetensors"))}
+        images[threads] = {p.relative_to(rec).as_posix(): np.asarray(Image.open(p)) for p in sorted(rec.rglob("*.png"))}
+        assert "broken.png" in enc.stderr
+    assert summaries["0"] == summaries["1"] == summaries["3"] and summaries["0"]["done"] == 6
+    for threads in ("1", "3"):
+        assert latents[threads].keys() == latents["0"].keys() and len(latents["0"]) == 6
+        assert all(bool((latents[threads][k] == latents["0"][k]).all()) for k in latents["0"])
+        assert images[threads].keys() == images["0"].keys()
+        assert all(np.array_equal(images[threads][k], images["0"][k]) for k in images["0"])
+
+
+def test_ctrl_c_between_results_still_reports_every_file_written(tmp_path):
+    """Ctrl-C can reach the caller between two results while files are being written behind: the
+    caller throws it into the stream (cli.common.last_results) and gets those files' results, so
+    the summary counts exactly the files on disk."""
+    from vqcli.cli.common import last_results
+    from vqcli.models import ModelRef
+    from vqcli.pipeline import DONE, EncodeOptions, encode_files
+
+    model = randomize_(AutoEncoder(TINY_KL), 5).eval()
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(src / f"{i:02d}.png")
+    out = tmp_path / "lat"
+    stream = encode_files([src], out, model, ModelRef("m", False, tmp_path / "m.safetensors"), options=EncodeOptions(io_threads=2))
+    seen = [next(stream) for _ in range(3)]
+    seen += last_results(stream)  # as run_report does on KeyboardInterrupt
+    with pytest.raises(StopIteration):
+        next(stream)  # the stream is over
+    done = {r.output.name for r in seen if r.status == DONE}
+    on_disk = {p.name for p in out.glob("*.safetensors")}
+    assert len(done) >= 3 and done == on_disk
+    assert not [p for p in out.iterdir() if p.name.startswith(".vqcli-tmp-")]

@@ -1,0 +1,80 @@
+"""Overlapping file work with the model: loading ahead and writing behind, in worker threads.
+
+Decoding a PNG or JPEG, compressing a PNG and writing a file mostly run in C code that releases the
+GIL (zlib, libjpeg, the file system), so threads overlap them with the model's computation. Both
+helpers keep the order of their inputs, so a run's results (and batches) are the same as without
+them, and both hold only a bounded number of items, so memory stays flat over any number of files.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int, ahead: int) -> Iterator[R]:
+    """``map(fn, items)`` with up to ``ahead`` calls running or finished ahead of the consumer, on
+    ``workers`` threads; results in the order of ``items``. ``workers=0``: plain ``map``.
+
+    An exception raised by ``fn`` is raised here, at its item's turn. When the consumer stops early
+    (an error, Ctrl-C), calls not yet started are cancelled and running ones finish on their own.
+    """
+    if workers <= 0:
+        yield from map(fn, items)
+        return
+    pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vqcli-load")
+    pending: collections.deque[cf.Future] = collections.deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            while len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+class WriteBehind:
+    """Runs write jobs (functions returning a result) on one thread, in order, at most ``depth``
+    queued; ``submit`` gives back the results that are ready, ``drain`` all of them.
+
+    One thread, so writes happen in the order they were submitted (a tar being filled member by
+    member stays in order). Closing (``with`` exit, or the owning generator closed by an error or
+    Ctrl-C) waits for the writes already submitted: each file is then complete, under its final
+    name, or absent.
+    """
+
+    def __init__(self, depth: int = 2, *, enabled: bool = True):
+        self.depth = depth
+        self.pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vqcli-write") if enabled else None
+        self.pending: collections.deque[cf.Future] = collections.deque()
+
+    def submit(self, job: Callable[[], R]) -> list[R]:
+        if self.pool is None:
+            return [job()]
+        self.pending.append(self.pool.submit(job))
+        ready = []
+        while self.pending and (len(self.pending) > self.depth or self.pending[0].done()):
+            ready.append(self.pending.popleft().result())
+        return ready
+
+    def drain(self) -> list[R]:
+        ready = [f.result() for f in self.pending]
+        self.pending.clear()
+        return ready
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+    def __enter__(self) -> "WriteBehind":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
