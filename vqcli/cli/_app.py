@@ -9,6 +9,7 @@ import sys
 from typing import Callable
 
 import typer
+from rich.markup import escape
 from rich.console import Console
 
 from ..errors import UsageError, VqcliError
@@ -41,7 +42,7 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
     """Print ``vqcli: message`` on stderr and return the Exit to raise."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
     return typer.Exit(code)
 
 
