@@ -59,7 +59,9 @@ class VectorQuantizer(nn.Module):
         self.n_embed = n_embed
         self.embed_dim = embed_dim
         self.beta = beta
-        self.embedding = nn.Embedding(n_embed, embed_dim)
+        # Given its weight, nn.Embedding skips its own normal_ init, which is overwritten anyway and
+        # on the meta device (checking a file's config before loading it) costs seconds of imports.
+        self.embedding = nn.Embedding(n_embed, embed_dim, _weight=torch.empty(n_embed, embed_dim))
         self.embedding.weight.data.uniform_(-1.0 / n_embed, 1.0 / n_embed)
 
     @torch.no_grad()
