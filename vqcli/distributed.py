@@ -31,6 +31,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -182,6 +183,29 @@ def barrier(ctx: Context) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def wait_for_exit(pids: list[int], seconds: float) -> None:
+    """Wait (at most ``seconds``) until the processes ``pids`` of this machine have ended."""
+    deadline = time.monotonic() + seconds
+    while any(_running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    if os.path.isdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # ended, not yet reaped: "Z"
+        except (OSError, IndexError):
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def check_same(ctx: Context, value: Any, message: str) -> None:

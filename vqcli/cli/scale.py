@@ -2,13 +2,15 @@
 
 What the computing commands share for it: the options, and ``Scale``, which knows this
 process's share, joins the other processes, records the manifest and, at the end, gathers
-every process's summary so that rank 0 prints the whole run's and every process exits with its
-code. The work itself is the pipeline's (``vqcli.pipeline.Selection``).
+every process's summary so that rank 0 prints the whole run's and exits with its code. The
+work itself is the pipeline's (``vqcli.pipeline.Selection``).
 """
 
 from __future__ import annotations
 
+import os
 import secrets
+import socket
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -92,6 +94,7 @@ class Scale:
         self.digest: str | None = None
         self.recorder = None
         self.merged = None
+        self._peers: list[tuple[str, int]] = []  # (host, pid) of the other processes
 
     @property
     def main(self) -> bool:
@@ -231,10 +234,35 @@ class Scale:
                 highlight=False,
             )
 
+    def exit_code(self, report: RunReport, code: int) -> int:
+        """The code this process exits with, once rank 0 has printed the summary.
+
+        Rank 0 carries the whole run's code; another rank whose own work ended normally exits 0
+        even when inputs failed elsewhere. So torchrun, which stops the other processes as soon
+        as one exits with an error, never stops rank 0 before its summary is out, and reports a
+        run with failed inputs once, as rank 0's exit code 1 (torchrun's own exit code).
+        """
+        if not self.ctx.active or report.interrupted:
+            return code
+        import sys
+
+        from .. import distributed
+        from ._app import EXIT_OK, EXIT_SOME_FAILED
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        distributed.barrier(self.ctx)
+        if not self.ctx.main:
+            return EXIT_OK if code == EXIT_SOME_FAILED else code
+        if code != EXIT_OK:  # let this node's other ranks end first: torchrun would stop them
+            distributed.wait_for_exit([p for host, p in self._peers if host == socket.gethostname()], 10.0)
+        return code
+
     def _state(self, report: RunReport, gather) -> dict:
         m = self.merged
         return {
             "rank": self.ctx.rank,
+            "process": (socket.gethostname(), os.getpid()),
             "device": report.extra.get("device"),
             "counts": dict(report.counts),
             "failures": list(report.failures),
@@ -245,6 +273,7 @@ class Scale:
         }
 
     def _combine(self, report: RunReport, states: list[dict]) -> None:
+        self._peers = [s["process"] for s in states if s["rank"] != self.ctx.rank]
         report.counts = {k: sum(s["counts"][k] for s in states) for k in report.counts}
         report.failures = [f for s in states for f in s["failures"]]
         report.fallbacks = sum(s["fallbacks"] for s in states)
@@ -255,7 +284,7 @@ class Scale:
 
 def run(report: RunReport, results: Iterable[FileResult], scale: Scale, **finish: Any) -> None:
     """Feed ``results`` into ``report`` (recording the manifest), finish the run across processes,
-    print the summary (rank 0) and exit with the whole run's code (every process).
+    print the summary and exit with the whole run's code (rank 0; see ``Scale.exit_code``).
 
     Ctrl-C stops the run between files: what was finished stays finished and is in the manifest.
     """
@@ -277,7 +306,7 @@ def run(report: RunReport, results: Iterable[FileResult], scale: Scale, **finish
             scale.finish_manifest()
             raise
         scale.finish(report, **finish)
-        code = report.finish()
+        code = scale.exit_code(report, report.finish())
     finally:
         distributed.stop(scale.ctx)
     raise typer.Exit(code)
