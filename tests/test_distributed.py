@@ -139,6 +139,7 @@ def test_torchrun_encode_equals_one_process_and_reports_every_rank(work):
     out = d / "two"
     p = torchrun("encode", root, "-o", out, "--model", work["model"], "--json")
     assert p.returncode == 1, p.stderr[-3000:]
+    assert "SIGTERM" not in p.stderr  # rank 0 ends last: torchrun stops no rank mid-way
     s = json.loads(p.stdout)  # rank 0 alone prints
     assert (s["done"], s["failed"], s["total"], s["processes"]) == (len(TREE), 1, len(TREE) + 1, 2)
     assert [f["path"] for f in s["failures"]] == [str(work["broken"])]
