@@ -223,3 +223,25 @@ def test_an_interrupted_writer_leaves_no_part(tmp_path):
     rec.finish()
     assert [p.name for p in out.glob("manifest-part-*")] == ["manifest-part-0-of-2.jsonl"]
     assert os.path.getsize(out / "manifest-part-0-of-2.jsonl") > 0
+
+
+def test_decode_shards_and_from_manifest(tmp_path, model, tree):
+    (tree / "g" / "broken.png").unlink()
+    lat = tmp_path / "lat"
+    assert cli("encode", tree, "-o", lat, "--model", model).exit_code == 0
+    rec = tmp_path / "rec"
+    done = 0
+    for i in range(2):
+        r = cli("decode", lat, "-o", rec, "--model", model, "--shard", f"{i}/2", "--json")
+        assert r.exit_code == 0, r.output
+        done += json.loads(r.stdout)["done"]
+    assert done == len(TREE)
+    lines = manifest_lines(rec / "manifest.jsonl")
+    assert sorted(l["output"] for l in lines) == sorted(
+        rel if rel.endswith(".png") else f"{rel}.png" for rel in TREE
+    )
+    (rec / "g" / "h.png").unlink()
+    r = cli("decode", "--from-manifest", rec / "manifest.jsonl", "-o", rec, "--model", model, "--json")
+    assert r.exit_code == 0, r.output
+    assert (json.loads(r.stdout)["done"], json.loads(r.stdout)["total"]) == (1, 1)
+    assert (rec / "g" / "h.png").is_file()
