@@ -27,7 +27,6 @@ from typer.testing import CliRunner
 from vqcli import AutoEncoder, AutoEncoderConfig
 from vqcli.cli import app
 from vqcli.fileio import TMP_PREFIX
-from vqcli.images import load_image
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample_images"

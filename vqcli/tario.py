@@ -8,8 +8,8 @@ Large training sets come as tar shards of a few thousand samples each (WebDatase
   in tar order, each with its bytes. Member names are checked: an absolute name or one with a
   ``..`` part is never used (it would name a file outside the output folder); ``./a.jpg`` is
   ``a.jpg``.
-- ``load_image_bytes`` decodes a member like ``images.load_image`` decodes a file (same
-  orientation, transparency, bit-depth and size-limit rules), naming the member in errors.
+- ``load_image_bytes`` (``images.load_image_bytes``, re-exported) decodes a member exactly as
+  ``images.load_image`` decodes a file, naming the member in errors.
 - ``write_tar`` writes a tar atomically (temporary name, then rename), in the POSIX pax format,
   with a global header marking it as vqcli's (``is_vqcli_tar``), so that a later run may replace
   it and never replaces anyone else's tar. Members are written with fixed owner and mode and the
@@ -24,17 +24,13 @@ import contextlib
 import io
 import os
 import tarfile
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
-
 from .errors import FileError
 from .fileio import atomic_path
-from .images import DEFAULT_MAX_PIXELS, _allow_pillow, _first_line, _open_unchecked, _to_rgb_float, _too_large
+from .images import _first_line, load_image_bytes  # noqa: F401 - members are decoded as files are
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 MARK_KEY, MARK = "VQCLI.software", "vqcli"  # the pax global header of tars vqcli wrote
@@ -114,32 +110,6 @@ def count_members(path: Path, accept: Callable[[str], bool]) -> int:
             return sum(1 for info in tf if info.isfile() and accept(PurePosixPath(info.name).name))
     except (tarfile.TarError, OSError, EOFError):
         return 0
-
-
-def load_image_bytes(data: bytes, path: Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """An image held in memory (a tar member) as ``images.load_image`` reads a file: RGB float32
-    in [0, 1], shape (H, W, 3), or ``FileError`` naming ``path``."""
-    _allow_pillow(max_pixels)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with _open_unchecked(io.BytesIO(data)) as im:
-                width, height = im.size
-                if width < 1 or height < 1:
-                    raise FileError(path, f"image has no pixels ({width}x{height})")
-                if max_pixels is not None and width * height > max_pixels:
-                    raise FileError(path, _too_large(width, height, max_pixels))
-                im.seek(0)
-                im.load()
-                return _to_rgb_float(ImageOps.exif_transpose(im))
-    except FileError:
-        raise
-    except UnidentifiedImageError:
-        raise FileError(path, "not an image (or a format Pillow cannot read)") from None
-    except Image.DecompressionBombError as e:
-        raise FileError(path, f"{_first_line(e)}; raise the limit with --max-pixels") from None
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
-        raise FileError(path, f"cannot decode image ({_first_line(e)})") from None
 
 
 class TarSink:

@@ -16,7 +16,6 @@ import json
 import signal
 import struct
 from datetime import timedelta
-from pathlib import Path
 
 import numpy as np
 import pytest
