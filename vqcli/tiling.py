@@ -37,7 +37,10 @@ with every other: they run whole, on a whole map.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
+import mmap
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -50,7 +53,15 @@ from .coders import _NO_FEATURES, Decoder, Encoder
 
 log = logging.getLogger(__name__)
 
-LIVE_TENSORS = 5  # maps of the block's size alive at once in an untiled residual block
+try:  # glibc's malloc_trim: return the heap's free pages to the system
+    _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+except (OSError, AttributeError):
+    _malloc_trim = None
+
+# Maps of a residual block's size alive at once when it runs untiled (measured on the CPU: the
+# input, the first convolution's output, the normalised map, and the convolution's input and output
+# in its kernel's own blocked layout).
+LIVE_TENSORS = 7
 MIN_BAND_ROWS = 8  # below this the halos would cost more than the bands
 
 
@@ -271,8 +282,9 @@ def _forward(steps: Sequence, shapes, x: torch.Tensor, lo: int, hi: int, stats) 
 
 
 def _band_bytes(steps: Sequence, shapes, batch: int, lo: int, hi: int) -> int:
-    """The most memory a band's computation holds at once (each step's input, padded copy, output,
-    and the band kept for a residual connection)."""
+    """The most memory a band's computation holds at once: the band kept for a residual connection,
+    each step's input and output, and for a convolution also its zero-padded input and the copies
+    in the kernel's blocked layout."""
     needs = _needs(steps, shapes, lo, hi)
 
     def nbytes(j: int) -> int:
@@ -283,7 +295,8 @@ def _band_bytes(steps: Sequence, shapes, batch: int, lo: int, hi: int) -> int:
     for j, step in enumerate(steps):
         if isinstance(step, _Push):
             kept = nbytes(j)
-        most = max(most, kept + 2 * nbytes(j) + nbytes(j + 1))
+        conv = isinstance(step, (_Conv, _Down))
+        most = max(most, kept + (3 if conv else 1) * nbytes(j) + (2 if conv else 1) * nbytes(j + 1))
         if isinstance(step, _Add):
             kept = 0
     return most
@@ -316,6 +329,25 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _empty_map(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised whole map for the bands' results, in ``like``'s dtype, device and layout.
+
+    On the CPU a large one gets pages of its own (an anonymous mapping), returned to the system as
+    soon as the map is freed: inside the allocator setting that keeps freed memory in the heap
+    (vqcli.accel.fast_allocator) the whole maps of successive segments, each of its own size,
+    would otherwise leave holes that the next cannot reuse, and the heap would grow past the budget.
+    """
+    layout = _memory_format(like)
+    nbytes = like.element_size() * int(torch.Size(shape).numel())
+    if like.device.type != "cpu" or nbytes < 16 * 2**20:
+        return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=layout)
+    flat = torch.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype=like.dtype)  # keeps the mapping
+    if layout == torch.channels_last:
+        b, c, h, w = shape
+        return flat.view(b, h, w, c).permute(0, 3, 1, 2)
+    return flat.view(shape)
+
+
 def _run_banded(steps: Sequence, x: torch.Tensor, budget: int) -> torch.Tensor:
     """``steps`` on the whole map ``x``, band by band, with whole-map GroupNorm statistics."""
     shapes = [tuple(x.shape[1:])]
@@ -338,7 +370,7 @@ def _run_banded(steps: Sequence, x: torch.Tensor, budget: int) -> torch.Tensor:
     for lo, hi in _bands(steps, shapes, batch, budget):
         band = _forward(steps, shapes, x, lo, hi, stats).t
         if out is None:
-            out = torch.empty((batch, *shapes[-1]), dtype=band.dtype, device=band.device, memory_format=_memory_format(band))
+            out = _empty_map((batch, *shapes[-1]), band)
         out[:, :, lo:hi].copy_(band)
         del band
     return out
@@ -489,7 +521,13 @@ def _run_units(units: list[_Unit], inputs: list[torch.Tensor], budget: int) -> t
     shapes = [tuple(x.shape[1:])]
     for unit in units:
         shapes.append(unit.shape(shapes[-1]))
-    for start, end, banded in _plan(units, shapes, batch, budget):
+    plan = _plan(units, shapes, batch, budget)
+    large = any(banded for _, _, banded in plan)
+    for start, end, banded in plan:
+        if large and _malloc_trim is not None and x.device.type == "cpu":
+            # Return the heap's free pages to the system: within the allocator setting that keeps
+            # them (vqcli.accel.fast_allocator), what earlier layers freed would add to this one.
+            _malloc_trim(0)
         if not banded:
             x = units[start].whole(x)
             continue
