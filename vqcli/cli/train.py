@@ -43,7 +43,7 @@ def train(
     data: list[Path] = typer.Argument(..., help="Image files or folders to train on (walked recursively)."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the trained model (.safetensors)."),
     val: list[Path] = typer.Option([], "--val", help="Validation images or folders; their PSNR is reported."),
-    preset: Optional[str] = typer.Option(None, help="Architecture preset: default (KL f8) or default-vq (VQ f4)."),
+    preset: Optional[str] = typer.Option(None, help="Architecture preset: default (KL f4) or default-vq (VQ f4)."),
     kind: Optional[str] = typer.Option(None, help="kl or vq (overrides the preset)."),
     ch: Optional[int] = typer.Option(None, help="Base channels, a multiple of 32."),
     ch_mult: Optional[str] = typer.Option(None, "--ch-mult", help="Channel multipliers per level, e.g. 1,2,4,4."),
