@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import AttnBlock, Downsample, ResnetBlock, Upsample, norm_swish
+from .blocks import AttnBlock, Downsample, ResnetBlock, Upsample, full_precision, norm_swish
 from .coders import _NO_FEATURES, Decoder, Encoder
 
 log = logging.getLogger(__name__)
@@ -146,13 +146,14 @@ class _Band:
 class _Conv:
     """A stride-1 convolution with zero "same" padding (3x3, padding 1; or 1x1)."""
 
-    def __init__(self, conv: nn.Conv2d):
+    def __init__(self, conv: nn.Conv2d, *, full_precision: bool = False):
         k, p = conv.kernel_size[0], conv.padding[0]
         if conv.kernel_size != (k, k) or conv.padding != (p, p) or k != 2 * p + 1 or conv.stride != (1, 1):
             raise ValueError(f"not a stride-1 'same' convolution: {conv}")
         if conv.dilation != (1, 1) or conv.groups != 1 or conv.padding_mode != "zeros":
             raise ValueError(f"not a plain convolution: {conv}")
         self.conv, self.pad = conv, p
+        self.full_precision = full_precision  # an output layer: float32 under autocast too
 
     def shape(self, c: int, h: int, w: int) -> tuple[int, int, int]:
         return self.conv.out_channels, h, w
@@ -165,7 +166,12 @@ class _Conv:
         top = p if b.r0 == 0 else 0  # zeros only beyond the map's real borders
         bottom = p if b.r1 == b.height else 0
         t = F.pad(b.t, (0, 0, top, bottom)) if top or bottom else b.t
-        return _Band(F.conv2d(t, self.conv.weight, self.conv.bias, 1, (0, p)), b.r0 - top + p, b.height)
+        if self.full_precision and torch.is_autocast_enabled(t.device.type):
+            with torch.autocast(device_type=t.device.type, enabled=False):
+                out = F.conv2d(t.float(), self.conv.weight, self.conv.bias, 1, (0, p))
+        else:
+            out = F.conv2d(t, self.conv.weight, self.conv.bias, 1, (0, p))
+        return _Band(out, b.r0 - top + p, b.height)
 
 
 class _Norm:
@@ -421,8 +427,8 @@ def _decoder_units(decoder: Decoder) -> list[_Unit]:
     if not decoder.give_pre_end:
         units.append(
             _Unit(
-                [_Norm(decoder.norm_out), _Conv(decoder.conv_out)],
-                lambda h: decoder.conv_out(norm_swish(decoder.norm_out, h)),
+                [_Norm(decoder.norm_out), _Conv(decoder.conv_out, full_precision=True)],
+                lambda h: full_precision(decoder.conv_out, norm_swish(decoder.norm_out, h)),
             )
         )
     return units
