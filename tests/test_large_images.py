@@ -3,7 +3,8 @@
 - 2048x2048: the tiled decode (and encode) equals the untiled one, far within the issue's bar of
   0.5/255 mean absolute difference;
 - 4096x4096: a decode and an encode, run as the CLI runs the model (vqcli.accel.compute_context,
-  --max-memory 4GB), peak RSS under 8 GB, where the untiled decode needs about 11 GB.
+  --max-memory 4GB), peak RSS under 8 GB (and within the budget plus 1 GB), where the untiled
+  decode would need about 15 GB.
 
 The model: ch 32 at full resolution (the smallest GroupNorm allows), f32 so that the middle
 attention, which runs whole and costs the square of the latent positions, stays cheap (128x128
@@ -60,7 +61,9 @@ def test_2048_tiled_equals_untiled():
     gen = torch.Generator().manual_seed(1)
     z = torch.randn(1, 4, 64, 64, generator=gen)
     x = torch.rand(1, 3, 2048, 2048, generator=gen) * 2 - 1
-    budget = 256 * 2**20  # full-resolution maps are 512 MB here: the last levels run in bands
+    # Full-resolution maps are 512 MB here: the decoder's last level runs as one banded segment from
+    # the 1024 px map to the image (its 2048 px maps never held), the encoder's first in bands too.
+    budget = 512 * 2**20
     with torch.inference_mode():
         image = model.decode(z)
         with bounded_memory(model, budget):
@@ -116,13 +119,13 @@ def _measure(op: str, config: AutoEncoderConfig, budget: int) -> dict:
 def test_4096_decode_under_8_gb():
     r = _measure("decode", KL_F32, 4 * GB)
     assert r["shape"] == [1, 3, 4096, 4096] and r["finite"] and r["std"] > 0.05
-    # untiled: five maps of 32 x 4096 x 4096 float32 (2.1 GB each) at once in a residual block
+    # untiled: about seven maps of 32 x 4096 x 4096 float32 (2.1 GB each) at once in a residual block
     assert r["peak_gb"] < 8, r
-    assert r["peak_gb"] < 4 + 1.5, r  # the budget, plus the model, input, output and the runtime
+    assert r["peak_gb"] < 4 + 1, r  # the budget, plus the model, input, output and the runtime
 
 
 def test_4096_encode_under_8_gb():
     r = _measure("encode", VQ_F32, 4 * GB)
     assert r["shape"] == [1, 128, 128] and r["finite"] and r["std"] > 0  # codebook indices, not all one
     assert r["peak_gb"] < 8, r
-    assert r["peak_gb"] < 4 + 1.5, r
+    assert r["peak_gb"] < 4 + 1, r

@@ -2,33 +2,36 @@
 
 Where the memory goes: the encoder's first levels and the decoder's last ones work at the image's
 resolution, where one feature map of a large image is gigabytes (128 channels at 4096x4096 in
-float32: 8.6 GB), and an untiled residual block holds four or five of them at once.
+float32: 8.6 GB), and an untiled residual block holds about seven of them at once (measured on the
+CPU: its input, intermediate maps, and the convolutions' copies in their kernels' layout).
 
 ``bounded_memory`` runs those parts of the network in horizontal bands instead. The high-resolution
 chain of each coder (the encoder's ``conv_in`` and down levels, the decoder's up levels and output
-layers) is cut into *segments* at the maps small enough to keep whole (*checkpoints*: the maps at
-the lower resolutions); a segment whose work exceeds the budget is computed band by band, from its
-whole input to its whole output, and its intermediate maps never exist at full size. The decoder's
-last segment ends at the 3-channel image: the full-resolution feature maps of a large image are
-never held at all.
+layers) is cut into *segments* between maps kept whole; a segment runs untiled if its work fits
+the budget, else band by band, from its whole input to its whole output, and the maps inside it
+never exist whole. The cuts are planned (dynamic programming over the layer boundaries) for the
+least memory beyond the budget, then the least work. For a large image the decoder's last segment
+ends at the 3-channel image: its full-resolution feature maps are never held at all.
 
 Exactness (tests/test_tiling.py, tests/test_large_images.py):
 
 - every band is computed with the rows around it that its convolutions need (a halo: one row per
-  3x3 convolution on each side, scaled through the up- and downsamplings), and only its own rows
-  are kept, so every convolution sees exactly the pixels it sees untiled; zero padding is applied
-  only at the image's real borders;
+  3x3 convolution on each side, scaled through the up- and downsamplings), and only rows that saw
+  the map's real rows are kept, so every convolution sees exactly the pixels it sees untiled; zero
+  padding counts only at the image's real borders;
 - GroupNorm uses the statistics of the whole image, never of one band (per-band statistics cause
   seams and tone shifts between bands). A norm whose input is the segment's input takes them from
-  that map; any later norm's input does not exist whole, so a first pass over the bands computes
-  the segment up to that norm (with the statistics already known) and accumulates the sums of that
+  that map; any later norm's input does not exist whole, so a pass over the bands computes the
+  segment up to that norm (with the statistics already known) and accumulates the sums of that
   norm's input over the bands' own rows (Chan et al.'s pairwise merge, in float64).
 
-So the result equals the untiled network's up to float summation order (about 1e-6). The price is
-computation: a segment with K norms computes its first layers up to K+1 times. Checkpoints keep K
-small where the budget allows (each residual block alone costs one extra convolution); only when
-even the full-resolution maps do not fit is the whole full-resolution part one segment (the
-decoder's last level of the SD architecture: about 4x the work of that level).
+So the result equals the untiled network's up to float summation order (about 1e-6 in float32).
+The price is computation: a segment with K norms computes its first layers up to K+1 times, so the
+plan keeps segments short where the budget allows (a residual block alone costs one convolution
+more). Measured plans, decode of 4096 px with a 4 GB budget: the embedded default architecture
+about 3x the untiled work, the SD architecture about 7x (its maps at 2048 and 4096 px, 4 and 8 GB,
+cannot be held, so the last two levels are one segment); where the full-resolution maps fit,
+1.3-1.9x.
 
 Attention blocks (the middle one at the latent resolution, and any at a level) mix every position
 with every other: they run whole, on a whole map.
@@ -62,6 +65,9 @@ except (OSError, AttributeError):
 # input, the first convolution's output, the normalised map, and the convolution's input and output
 # in its kernel's own blocked layout).
 LIVE_TENSORS = 7
+# The share of the budget planned for: the allocator's fragmentation and the kernels' scratch space
+# take the rest (measured: a 4096 px decode peaks within the budget plus the runtime's own memory).
+HEADROOM = 0.85
 MIN_BAND_ROWS = 8  # below this the halos would cost more than the bands
 
 
@@ -162,16 +168,17 @@ class _Conv:
         return max(0, lo - self.pad), min(h, hi + self.pad)
 
     def run(self, b: _Band, stats) -> _Band:
-        p = self.pad
-        top = p if b.r0 == 0 else 0  # zeros only beyond the map's real borders
-        bottom = p if b.r1 == b.height else 0
-        t = F.pad(b.t, (0, 0, top, bottom)) if top or bottom else b.t
+        # Zero padding on every side, as untiled (no padded copy of the band); then the rows next to
+        # an inner edge of the band, which saw zeros in place of the map's rows, are dropped.
+        p, t = self.pad, b.t
         if self.full_precision and torch.is_autocast_enabled(t.device.type):
             with torch.autocast(device_type=t.device.type, enabled=False):
-                out = F.conv2d(t.float(), self.conv.weight, self.conv.bias, 1, (0, p))
+                out = F.conv2d(t.float(), self.conv.weight, self.conv.bias, 1, p)
         else:
-            out = F.conv2d(t, self.conv.weight, self.conv.bias, 1, (0, p))
-        return _Band(out, b.r0 - top + p, b.height)
+            out = F.conv2d(t, self.conv.weight, self.conv.bias, 1, p)
+        top = p if b.r0 > 0 else 0
+        bottom = p if b.r1 < b.height else 0
+        return _Band(out[:, :, top : out.shape[2] - bottom], b.r0 + top, b.height)
 
 
 class _Norm:
@@ -524,6 +531,7 @@ def _run_units(units: list[_Unit], inputs: list[torch.Tensor], budget: int) -> t
     kept whole. (The input comes in a list so that no caller's reference keeps it alive.)"""
     x = inputs.pop()
     batch = x.shape[0]
+    budget = int(budget * HEADROOM)
     shapes = [tuple(x.shape[1:])]
     for unit in units:
         shapes.append(unit.shape(shapes[-1]))
