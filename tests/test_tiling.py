@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,6 +114,56 @@ def test_every_band_of_every_layer_equals_the_whole_map(layer):
                 band = tiling._forward(unit.steps, shapes, x, lo, hi, stats)
                 assert (band.r0, band.r1) == (lo, hi)
                 torch.testing.assert_close(band.t, whole[:, :, lo:hi], rtol=1e-5, atol=1e-5)
+
+
+def _plan_of(config: AutoEncoderConfig, size: int, budget: int, coder: str):
+    model = AutoEncoder(config)
+    if coder == "decoder":
+        units = tiling._decoder_units(model.decoder)
+        shape = (config.ch * config.ch_mult[-1], size // config.downsampling, size // config.downsampling)
+    else:
+        units, shape = tiling._encoder_units(model.encoder), (3, size, size)
+    shapes = [shape]
+    for unit in units:
+        shapes.append(unit.shape(shapes[-1]))
+    plan = tiling._plan(units, shapes, 1, budget)
+    return units, shapes, plan
+
+
+SD = AutoEncoderConfig(kind="kl", ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=4)
+
+
+@pytest.mark.parametrize("coder", ["decoder", "encoder"])
+@pytest.mark.parametrize("config", [SD, TRAIN_PRESETS["default"]], ids=["sd", "default"])
+def test_plans_keep_within_the_budget_and_work_falls_as_it_grows(config, coder):
+    """At 4096 px: every segment held within the budget (whole maps within 3/4 of it, untiled units
+    within it), the units covered in order, and more memory never means more work."""
+    gib = 2**30
+    works = []
+    for budget in (2 * gib, 4 * gib, 8 * gib, 256 * gib):
+        units, shapes, plan = _plan_of(config, 4096, budget, coder)
+        assert [start for start, _, _ in plan] == [0] + [end for _, end, _ in plan[:-1]]
+        assert plan[-1][1] == len(units)
+        work = 0.0
+        for start, end, banded in plan:
+            held = 4 * (np.prod(shapes[start]) + np.prod(shapes[end]))
+            if banded:
+                assert held <= budget * 3 // 4
+                steps = [step for u in units[start:end] for step in u.steps]
+                sh = [shapes[start]]
+                for step in steps:
+                    sh.append(step.shape(*sh[-1]))
+                work += tiling._banded_flops(steps, sh)
+            else:
+                assert end == start + 1
+                assert units[start].barrier or tiling.LIVE_TENSORS * 4 * max(np.prod(shapes[start]), np.prod(shapes[end])) <= budget
+                sh = [shapes[start]]
+                for step in units[start].steps:
+                    sh.append(step.shape(*sh[-1]))
+                work += sum(tiling._step_flops(st, sh[j], sh[j + 1]) for j, st in enumerate(units[start].steps))
+        works.append(work)
+    assert all(a >= b for a, b in zip(works, works[1:])), works
+    assert all(not banded for _, _, banded in plan)  # 256 GB: everything untiled
 
 
 def test_whole_stats_match_group_norm_statistics():

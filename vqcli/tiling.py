@@ -485,7 +485,6 @@ def _plan(units: list[_Unit], shapes, batch: int, budget: int) -> list[tuple[int
         c, h, w = shapes[i]
         return batch * c * h * w * 4
 
-    steps_of = [u.steps for u in units]
     unit_shapes = []  # shapes at each step of each unit
     for i, unit in enumerate(units):
         sh = [shapes[i]]
@@ -493,28 +492,29 @@ def _plan(units: list[_Unit], shapes, batch: int, budget: int) -> list[tuple[int
             sh.append(step.shape(*sh[-1]))
         unit_shapes.append(sh)
     best: list = [None] * (n + 1)
-    best[0] = (0, 0.0, None)  # (memory beyond the budget, work, (start, banded))
+    best[0] = (0, 0.0, None)  # (memory beyond the budget, work per image, (start, banded))
     for end in range(1, n + 1):
         for start in range(end - 1, -1, -1):
             segment = units[start:end]
             if len(segment) > 1 and segment[0].barrier:
                 break  # attention runs whole, alone
             if len(segment) > 1 and segment[-1].barrier:
-                continue
+                break
             options = []
             if len(segment) == 1:
                 unit = segment[0]
                 whole = 0 if unit.barrier else LIVE_TENSORS * max(nbytes(start), nbytes(end))
-                work = sum(_step_flops(st, unit_shapes[start][j], unit_shapes[start][j + 1]) for j, st in enumerate(unit.steps))
+                sh = unit_shapes[start]
+                work = sum(_step_flops(st, sh[j], sh[j + 1]) for j, st in enumerate(unit.steps))
                 options.append((max(0, whole - budget), work, False))
             if not segment[0].barrier:
                 steps = [st for u in segment for st in u.steps]
                 sh = [shapes[start]] + [x for k in range(start, end) for x in unit_shapes[k][1:]]
                 held = nbytes(start) + nbytes(end)
-                options.append((max(0, held - budget * 3 // 4), _banded_flops(steps, sh) * batch, True))
+                options.append((max(0, held - budget * 3 // 4), _banded_flops(steps, sh), True))
             before_excess, before_work, _ = best[start]
             for excess, work, banded in options:
-                candidate = (max(before_excess, excess), before_work + work * (1 if banded else batch), (start, banded))
+                candidate = (max(before_excess, excess), before_work + work, (start, banded))
                 if best[end] is None or candidate[:2] < best[end][:2]:
                     best[end] = candidate
     plan, end = [], n
