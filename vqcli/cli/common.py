@@ -60,8 +60,8 @@ MaxMemoryOpt = Annotated[
     Optional[str],
     typer.Option(
         "--max-memory",
-        help="Memory for one layer's work, e.g. 4GB (default: a quarter of the free memory). Larger images "
-        "are computed in tiles, with the same result.",
+        help="Memory for the model's working data, e.g. 4GB (default: a quarter of the free memory). What "
+        "does not fit is computed in bands, with the same result.",
     ),
 ]
 
