@@ -23,8 +23,10 @@ import textwrap
 import pytest
 import torch
 
-from vqcli import AutoEncoder, AutoEncoderConfig
+from vqcli import AutoEncoderConfig
 from vqcli.tiling import bounded_memory
+
+from test_tiling import _randomised
 
 pytestmark = pytest.mark.slow
 
@@ -42,18 +44,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def _randomised(config: AutoEncoderConfig, seed: int = 0) -> AutoEncoder:
-    """Random weights, GroupNorm affines too (so that wrong statistics would show)."""
-    torch.manual_seed(seed)
-    model = AutoEncoder(config).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.GroupNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.3, 0.3)
-    return model
 
 
 def test_2048_tiled_equals_untiled():
