@@ -27,6 +27,8 @@ from PIL import Image
 from vqcli import AutoEncoder, AutoEncoderConfig
 from vqcli.fileio import TMP_PREFIX
 
+from _scaleout import save_model
+
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "sample_images"
 
@@ -58,16 +60,6 @@ def one_thread():
 
 
 # --- models and images ----------------------------------------------------------------------------
-
-
-def save_model(path: Path, config: AutoEncoderConfig, seed: int) -> Path:
-    torch.manual_seed(seed)
-    model = AutoEncoder(config)
-    if config.kind == "vq":
-        with torch.no_grad():
-            model.quantize.embedding.weight.normal_(0, 0.3)
-    model.save(path)
-    return path
 
 
 @pytest.fixture(scope="session")
