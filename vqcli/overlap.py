@@ -40,6 +40,9 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int, ahead
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+WRITE_DEPTH = 2  # writes queued behind the model before it waits for the oldest
+
+
 class WriteBehind:
     """Runs write jobs (functions returning a result) on one thread, in order, at most ``depth``
     queued; ``submit`` gives back the results that are ready, ``drain`` all of them.
@@ -50,7 +53,7 @@ class WriteBehind:
     name, or absent.
     """
 
-    def __init__(self, depth: int = 2, *, enabled: bool = True):
+    def __init__(self, depth: int = WRITE_DEPTH, *, enabled: bool = True):
         self.depth = depth
         self.pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vqcli-write") if enabled else None
         self.pending: collections.deque[cf.Future] = collections.deque()

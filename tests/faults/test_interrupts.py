@@ -27,6 +27,7 @@ from vqcli.images import written_by_vqcli
 from vqcli.latents import read_latent
 from vqcli.pipeline import EncodeOptions, encode_files
 from vqcli.models import model_ref
+from vqcli.overlap import WRITE_DEPTH
 
 from .conftest import (
     KL,
@@ -267,7 +268,9 @@ def test_ctrl_c_inside_a_write_stops_at_once_and_resumes(tmp_path, models, hook_
     assert proc.returncode == 130, stderr
     assert time.monotonic() - sent < STOP_S
     s = json.loads(stdout)
-    assert s["interrupted"] is True and s["failed"] == 0 and s["done"] in (2, 3)
+    # Two files were written before the paused one; the write-behind thread may also hold up to
+    # WRITE_DEPTH more, submitted while the third was paused, and finishes them all at the signal.
+    assert s["interrupted"] is True and s["failed"] == 0 and 2 <= s["done"] <= 3 + WRITE_DEPTH
     assert temporaries(out) == []
     before = snapshot(out)
     assert len(before) == s["done"] and _check_images(out, lat, load_model(models["kl"])) == s["done"]
