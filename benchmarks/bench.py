@@ -148,20 +148,24 @@ def bench_models(args, reference, ours) -> list[dict]:
                 base_s, base_rss, base_out = timed(diffusers_fn, args.repeat)
                 rows.append(_row(op, size, batch, "diffusers float32", base_s, base_rss, flops, base_s, None))
                 print(_fmt(rows[-1]), flush=True)
-                for dtype_name in args.dtypes:
+                for dtype_name, compiled in [(d, c) for d in args.dtypes for c in [False] + [True] * args.compile]:
                     dtype = getattr(torch, dtype_name)
                     model = prepare_model(ours, torch.device("cpu"), dtype)
                     fmt_in = inp.contiguous(memory_format=torch.channels_last) if dtype != torch.float32 else inp
+                    # --compile: as the CLI runs it (through the memory bound, unlimited here); the
+                    # warm-up call compiles and is not timed.
+                    context = dict(model=model, budget=2**62, compile=True) if compiled else {}
 
                     def ours_fn():
-                        with compute_context(torch.device("cpu"), dtype):
+                        with compute_context(torch.device("cpu"), dtype, **context):
                             out = model.encode(fmt_in) if op == "encode" else model.decode(fmt_in)
                         return out.float()
 
                     seconds, rss, out = timed(ours_fn, args.repeat)
                     diff = (out - base_out).abs().max().item()
                     rel = diff / max(base_out.abs().max().item(), 1e-12)
-                    rows.append(_row(op, size, batch, f"vqcli {dtype_name}", seconds, rss, flops, base_s, rel))
+                    impl = f"vqcli {dtype_name}" + (" comp." if compiled else "")
+                    rows.append(_row(op, size, batch, impl, seconds, rss, flops, base_s, rel))
                     print(_fmt(rows[-1]), flush=True)
     return rows
 
@@ -255,14 +259,17 @@ def bench_e2e(args, reference, ours) -> list[dict]:
 
         base = run([sys.executable, "-c", DIFFUSERS_LOOP, str(photos), str(diffusers_dir), str(tmp / "dl"), str(tmp / "dr")])
         rows.append({"impl": "diffusers loop", "images": count, "seconds": round(base, 1), "speedup": 1.0})
-        for dtype in args.dtypes:
+        for dtype, extra in [(d, []) for d in args.dtypes] + [(d, ["--compile"]) for d in args.dtypes if args.compile]:
             lat, rec = tmp / f"l-{dtype}", tmp / f"r-{dtype}"
-            seconds = run(["vqcli", "encode", str(photos), "-o", str(lat), "--model", str(model_file), "--dtype", dtype, "--quiet"])
-            seconds += run(["vqcli", "decode", str(lat), "-o", str(rec), "--model", str(model_file), "--dtype", dtype, "--quiet"])
-            rows.append({"impl": f"vqcli {dtype}", "images": count, "seconds": round(seconds, 1), "speedup": round(base / seconds, 2)})
+            common = ["--model", str(model_file), "--dtype", dtype, "--quiet", *extra]
+            seconds = run(["vqcli", "encode", str(photos), "-o", str(lat), *common])
+            seconds += run(["vqcli", "decode", str(lat), "-o", str(rec), *common])
+            impl = f"vqcli {dtype}" + (" --compile" if extra else "")
+            rows.append({"impl": impl, "images": count, "seconds": round(seconds, 1), "speedup": round(base / seconds, 2)})
             shutil.rmtree(lat, ignore_errors=True)
+            shutil.rmtree(rec, ignore_errors=True)
         for r in rows:
-            print(f"| end to end | {r['images']} photos | {r['impl']:16} | {r['seconds']:7.1f} s | {r['speedup']:.2f}x |", flush=True)
+            print(f"| end to end | {r['images']} photos | {r['impl']:26} | {r['seconds']:7.1f} s | {r['speedup']:.2f}x |", flush=True)
     return rows
 
 
@@ -273,6 +280,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--repeat", type=int, default=2, help="timed repetitions (best is kept)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--compile", action="store_true", help="also vqcli torch.compile'd (the CLI's --compile)")
     parser.add_argument("--e2e", action="store_true", help="also the end-to-end CLI line")
     parser.add_argument("--e2e-size", type=int, default=512, help="longest side of the end-to-end photographs")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")

@@ -90,15 +90,17 @@ def compute_context(
     *,
     model: torch.nn.Module | None = None,
     budget: int | None = None,
+    compile: bool = False,
 ) -> contextlib.AbstractContextManager:
     """Inference mode, the allocator setting and autocast for ``dtype``, as one context; with
     ``model``, also its memory bound (``budget`` bytes, default ``tiling.default_budget()``: large
-    images are computed in tiles, with the untiled result)."""
+    images are computed in tiles, with the untiled result), and with ``compile`` its coders'
+    torch.compile'd forms where an image fits whole."""
     from .tiling import bounded_memory, default_budget
 
     stack = contextlib.ExitStack()
     if model is not None:
-        stack.enter_context(bounded_memory(model, budget or default_budget()))
+        stack.enter_context(bounded_memory(model, budget or default_budget(), compile=compile))
     stack.enter_context(torch.inference_mode())
     if device.type == "cpu":
         stack.enter_context(fast_allocator())

@@ -31,6 +31,8 @@ def norm_swish(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     activation-sized allocation per call; the result is identical.
     """
     h = norm(x)
+    if torch.compiler.is_compiling():  # (torch.compile fuses the two; it cannot trace the test below)
+        return F.silu(h)
     if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
         return F.silu(h, inplace=True)
     return F.silu(h)

@@ -680,22 +680,24 @@ def compute(
     fn: Callable[[AutoEncoder, torch.Tensor], torch.Tensor],
     dtype: torch.dtype,
     budget: int | None = None,
+    compile: bool = False,
 ) -> list[tuple[Item, torch.Tensor | FileError, bool]]:
     """Run ``fn(model, inputs)`` over a batch: ``(item, output or error, redone in float32)`` each.
 
     A batch that fails as a whole (out of memory, say) is retried one item at a time, so that only
     the items that fail on their own are reported. A floating output with NaN or Inf values is
     redone in float32 when ``dtype`` is reduced precision, and an error otherwise. ``budget``
-    bounds the memory of one layer's work (see ``vqcli.tiling``; None: from the free memory).
+    bounds the memory of one layer's work (see ``vqcli.tiling``; None: from the free memory);
+    ``compile`` runs what fits whole torch.compile'd.
     """
     model = batch[0].model
     device = next(model.parameters()).device
     try:
-        out = _run(model, fn, torch.cat([item.data for item in batch]), device, dtype, budget)
+        out = _run(model, fn, torch.cat([item.data for item in batch]), device, dtype, budget, compile)
     except RuntimeError as e:
         if len(batch) > 1:
             log.debug("batch of %d failed (%s); retrying one by one", len(batch), e)
-            return [r for item in batch for r in compute([item], fn, dtype, budget)]
+            return [r for item in batch for r in compute([item], fn, dtype, budget, compile)]
         log.debug("model failed on %s", batch[0].job.input, exc_info=True)
         return [(batch[0], FileError(batch[0].job.input, f"model failed ({_first_line(e)})"), False)]
     results = []
@@ -705,7 +707,7 @@ def compute(
         if y.is_floating_point() and not bool(torch.isfinite(y).all()):
             if dtype != torch.float32:
                 try:
-                    y = _run(model, fn, item.data, device, torch.float32, budget)
+                    y = _run(model, fn, item.data, device, torch.float32, budget, compile)
                 except RuntimeError as e:
                     results.append((item, FileError(item.job.input, f"model failed ({_first_line(e)})"), False))
                     continue
@@ -717,11 +719,13 @@ def compute(
     return results
 
 
-def _run(model, fn, x: torch.Tensor, device: torch.device, dtype: torch.dtype, budget: int | None = None) -> torch.Tensor:
+def _run(
+    model, fn, x: torch.Tensor, device: torch.device, dtype: torch.dtype, budget: int | None = None, compile: bool = False
+) -> torch.Tensor:
     x = x.to(device)
     if x.dim() == 4 and x.is_floating_point():
         x = x.contiguous(memory_format=memory_format_for(dtype))
-    with compute_context(device, dtype, model=model, budget=budget):
+    with compute_context(device, dtype, model=model, budget=budget, compile=compile):
         y = fn(model, x)
     return y.detach().to("cpu")
 
@@ -745,6 +749,7 @@ class EncodeOptions:
     max_memory: int | None = None  # bytes for one layer's work; None: from the free memory
     tar_output: bool = False  # a tar shard's latents go into one tar, not a folder
     io_threads: int = 1  # threads loading images ahead (plus one writing behind); 0: none
+    compile: bool = False  # torch.compile the coders (images that fit whole; see vqcli.tiling)
 
 
 def encode_files(
@@ -801,7 +806,7 @@ def _encode_stream(jobs, model, ref, seed, batch_size, dtype, options, put=None)
                 fn = _encode_fn(model.config.kind, sample=True, scaled=options.scaled, seed=image_seed)
             else:
                 fn = _encode_fn(model.config.kind, sample=False, scaled=options.scaled, seed=None)
-            for item, out, redone in compute(batch, fn, dtype, options.max_memory):
+            for item, out, redone in compute(batch, fn, dtype, options.max_memory, options.compile):
                 yield from writer.submit(lambda a=(item, out, redone): _finish_encode(*a, ref, options, put))
         yield from writer.drain()
     except KeyboardInterrupt:
@@ -954,6 +959,7 @@ class DecodeOptions:
     overwrite: bool = False
     max_memory: int | None = None  # bytes for one layer's work; None: from the free memory
     io_threads: int = 1  # threads reading latents ahead (plus one writing images behind); 0: none
+    compile: bool = False  # torch.compile the coders (images that fit whole; see vqcli.tiling)
 
 
 class ModelChooser:
@@ -1064,7 +1070,7 @@ def decode_files(
                 continue
             fn = _decode_fn(batch[0].info["kind"], batch[0].info["scaled"])
             batch_dtype = models.dtype_for(batch[0].model) if models.dtype is None else dtype
-            for item, out, redone in compute(batch, fn, batch_dtype, options.max_memory):
+            for item, out, redone in compute(batch, fn, batch_dtype, options.max_memory, options.compile):
                 yield from writer.submit(lambda a=(item, out, redone): _finish_decode(*a, options))
         yield from writer.drain()
     except KeyboardInterrupt:

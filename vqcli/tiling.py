@@ -525,10 +525,15 @@ def _plan(units: list[_Unit], shapes, batch: int, budget: int) -> list[tuple[int
     return plan[::-1]
 
 
-def _run_units(units: list[_Unit], inputs: list[torch.Tensor], budget: int) -> torch.Tensor:
+def _run_units(
+    units: list[_Unit], inputs: list[torch.Tensor], budget: int, compile_for: nn.Module | None = None
+) -> torch.Tensor:
     """Run ``units`` on ``inputs.pop()`` within about ``budget`` bytes of working memory: each
     segment of the plan untiled if its work fits, else band by band between its input and output,
-    kept whole. (The input comes in a list so that no caller's reference keeps it alive.)"""
+    kept whole. (The input comes in a list so that no caller's reference keeps it alive.)
+
+    With ``compile_for`` (the coder the units belong to), an input that fits whole runs through
+    the coder's torch.compile'd units (see ``_compiled``)."""
     x = inputs.pop()
     batch = x.shape[0]
     budget = int(budget * HEADROOM)
@@ -537,6 +542,10 @@ def _run_units(units: list[_Unit], inputs: list[torch.Tensor], budget: int) -> t
         shapes.append(unit.shape(shapes[-1]))
     plan = _plan(units, shapes, batch, budget)
     large = any(banded for _, _, banded in plan)
+    if not large and compile_for is not None:
+        y = _run_compiled(compile_for, units, x)
+        if y is not None:
+            return y
     for start, end, banded in plan:
         if large and _malloc_trim is not None and x.device.type == "cpu":
             # Return the heap's free pages to the system: within the allocator setting that keeps
@@ -553,16 +562,55 @@ def _run_units(units: list[_Unit], inputs: list[torch.Tensor], budget: int) -> t
     return x
 
 
+# --- torch.compile --------------------------------------------------------------------------------
+
+
+def _compiled(coder: nn.Module, units: list[_Unit]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The coder's units run whole, one after another, as one torch.compile'd function: made at the
+    first call and kept on the coder (None once compiling has failed). The units call the blocks'
+    own forward functions, not the bounded ones that ``bounded_memory`` puts on the instances."""
+    if not hasattr(coder, "_vqcli_compiled"):
+        def run(x: torch.Tensor) -> torch.Tensor:
+            for unit in units:
+                x = unit.whole(x)
+            return x
+
+        coder._vqcli_compiled = torch.compile(run)
+    return coder._vqcli_compiled
+
+
+def _run_compiled(coder: nn.Module, units: list[_Unit], x: torch.Tensor) -> torch.Tensor | None:
+    """``units`` on ``x`` through the compiled function; None where there is none, or where
+    torch.compile fails (no C++ compiler, say): said once, and the coder runs as written."""
+    fn = _compiled(coder, units)
+    if fn is None:
+        return None
+    try:
+        return fn(x)
+    except Exception as e:  # torch.compile's failures come in many types, from many layers
+        from torch._dynamo.exc import TorchDynamoException
+
+        if not isinstance(e, TorchDynamoException):
+            raise
+        text = str(e).strip().splitlines()
+        log.warning("--compile: torch.compile failed (%s); running without it", text[0][:200] if text else type(e).__name__)
+        coder._vqcli_compiled = None
+        return None
+
+
 def _plain(module: nn.Module) -> bool:
     """Whether ``module`` should run as written: gradients wanted, or training (dropout)."""
     return torch.is_grad_enabled() or module.training
 
 
 @contextlib.contextmanager
-def bounded_memory(model: nn.Module, budget: int) -> Iterator[None]:
+def bounded_memory(model: nn.Module, budget: int, *, compile: bool = False) -> Iterator[None]:
     """Within, ``model``'s encoders and decoders (and its residual blocks and upsampling layers
     called on their own) keep their working memory within about ``budget`` bytes, computing in bands
-    what does not fit, with the untiled result. Without gradients only: training runs as written."""
+    what does not fit, with the untiled result. Without gradients only: training runs as written.
+
+    ``compile``: the coders' high-resolution parts, where they fit whole, run torch.compile'd (the
+    first call of each input shape compiles; large images in bands run as written)."""
     patched: list[tuple[nn.Module, str]] = []
 
     def patch(module: nn.Module, name: str, fn: Callable) -> None:
@@ -578,7 +626,7 @@ def bounded_memory(model: nn.Module, budget: int) -> Iterator[None]:
                     return type(m).run_high_res(m, h, keep)
                 held = [h]
                 del h  # (so that the input map is freed as soon as the first segment is done)
-                return _run_units(make_units(m), held, budget)
+                return _run_units(make_units(m), held, budget, m if compile else None)
 
             patch(module, "run_high_res", run_high_res)
         elif isinstance(module, (ResnetBlock, Upsample)):

@@ -47,6 +47,14 @@ PresetOpt = Annotated[
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace outputs that exist (vqcli's own only).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary; failures only.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON summary object on stdout.")]
+CompileOpt = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="torch.compile the model (needs a C++ compiler on CPUs; the first image of each size compiles, "
+        "which takes a while: worth it for many images of one size; see README, Speed).",
+    ),
+]
 IoThreadsOpt = Annotated[
     int,
     typer.Option(

@@ -12,6 +12,7 @@ from .common import (
     BatchOpt,
     DeviceOpt,
     DtypeOpt,
+    CompileOpt,
     IoThreadsOpt,
     JsonOpt,
     MaxMemoryOpt,
@@ -71,6 +72,7 @@ def decode(
     preset: PresetOpt = None,
     max_memory: MaxMemoryOpt = None,
     io_threads: IoThreadsOpt = 1,
+    compile: CompileOpt = False,
     overwrite: OverwriteOpt = False,
     shard: ShardOpt = None,
     manifest: ManifestOpt = None,
@@ -107,6 +109,7 @@ def decode(
         overwrite=overwrite,
         max_memory=scale.max_memory(parse_max_memory(max_memory), torch_device),
         io_threads=io_threads,
+        compile=compile,
     )
     selection = scale.selection()
     results = decode_files(inputs or [], output, chooser, dtype=torch_dtype, options=options, selection=selection)

@@ -13,6 +13,7 @@ from .common import (
     BatchOpt,
     DeviceOpt,
     DtypeOpt,
+    CompileOpt,
     IoThreadsOpt,
     JsonOpt,
     MaxMemoryOpt,
@@ -91,6 +92,7 @@ def encode(
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     max_memory: MaxMemoryOpt = None,
     io_threads: IoThreadsOpt = 1,
+    compile: CompileOpt = False,
     overwrite: OverwriteOpt = False,
     tar_output: TarOutputOpt = False,
     shard: ShardOpt = None,
@@ -119,6 +121,7 @@ def encode(
         max_pixels=max_pixels or None,
         max_memory=scale.max_memory(parse_max_memory(max_memory), torch_device),
         io_threads=io_threads,
+        compile=compile,
         tar_output=tar_output,
     )
     selection = scale.selection()
