@@ -57,6 +57,45 @@ def test_kl_round_trip_and_plain_safetensors(tmp_path, kl_model):
     assert latent.meta.latent_shape == (4, 9, 17) and latent.meta.padding == (1, 1)
 
 
+WRITE_IN_A_CHILD = """
+import sys, torch
+from vqcli import AutoEncoder, AutoEncoderConfig
+from vqcli.latents import make_meta, write_latent
+torch.manual_seed(0)
+model = AutoEncoder(AutoEncoderConfig(kind="kl", ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4))
+meta = make_meta(model, source="dir/a.png", width=33, height=17, model_name="kl.safetensors",
+                 model_embedded=False, representation="mean")
+write_latent(sys.argv[1], torch.arange(4 * 9 * 17, dtype=torch.float32).reshape(meta.latent_shape) / 7, meta)
+model.save(sys.argv[2])
+"""
+
+
+def test_the_same_latent_and_model_give_the_same_bytes_in_every_process(tmp_path):
+    """safetensors' own writer orders the metadata by a hash seeded per process; vqcli's files are
+    byte-identical for identical contents (so they can be compared, deduplicated and cached)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load
+
+    files = []
+    for i in range(3):
+        lat, model = tmp_path / f"{i}.safetensors", tmp_path / f"m{i}.safetensors"
+        subprocess.run([sys.executable, "-c", WRITE_IN_A_CHILD, str(lat), str(model)], check=True)
+        files.append((lat.read_bytes(), model.read_bytes()))
+    assert all(f == files[0] for f in files[1:])
+    latent_bytes, model_bytes = files[0]
+    assert len(latent_bytes) % 8 == int.from_bytes(latent_bytes[:8], "little") % 8 == 0
+    tensors = load(latent_bytes)  # the library reads what vqcli wrote
+    assert torch.equal(tensors["latent"], torch.arange(4 * 9 * 17, dtype=torch.float32).reshape(4, 9, 17) / 7)
+    torch.manual_seed(0)
+    reference = AutoEncoder(KL).state_dict()
+    loaded = load(model_bytes)
+    assert loaded.keys() == reference.keys() and all(torch.equal(loaded[k], reference[k]) for k in reference)
+    assert read_latent(tmp_path / "0.safetensors").meta.source == "dir/a.png"
+    assert AutoEncoder.load(tmp_path / "m0.safetensors").config == KL
+
+
 def test_vq_indices_are_int16_or_int32(tmp_path, vq_model):
     meta = make_meta(vq_model, source="a.png", width=8, height=6, model_name="vq", model_embedded=False,
                      representation="indices")

@@ -11,6 +11,7 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
+import vqcli.native
 from vqcli import AutoEncoder, AutoEncoderConfig, FileError
 from vqcli.autoencoder import FORMAT, FORMAT_VERSION, load_strict
 from vqcli.fileio import TMP_PREFIX
@@ -88,12 +89,11 @@ def test_read_native_returns_config_and_tensors(saved):
 def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
     model = make_model()
 
-    def broken(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"half a file")
+    def broken(f, tensors, metadata=None):
+        f.write(b"half a file")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr(vqcli.native, "write_safetensors", broken)
     target = tmp_path / "out.safetensors"
     with pytest.raises(OSError, match="No space left"):
         model.save(target)
@@ -106,10 +106,10 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch, saved):
     target = tmp_path / "model.safetensors"
     target.write_bytes(good.read_bytes())
 
-    def broken(tensors, filename, metadata=None):
+    def broken(f, tensors, metadata=None):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr(vqcli.native, "write_safetensors", broken)
     with pytest.raises(KeyboardInterrupt):
         make_model(seed=5).save(target)
     assert target.read_bytes() == good.read_bytes()

@@ -286,7 +286,7 @@ class AutoEncoder(nn.Module):
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = True) -> None:
         """Write the native weights file atomically: safetensors with the config in its metadata."""
-        from safetensors.torch import save_file
+        from .native import write_safetensors
 
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         metadata = {
@@ -294,8 +294,8 @@ class AutoEncoder(nn.Module):
             "format_version": str(FORMAT_VERSION),
             "config": json.dumps(self.config.to_dict(), sort_keys=True),
         }
-        with atomic_path(path, overwrite=overwrite) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
+        with atomic_path(path, overwrite=overwrite) as tmp, open(tmp, "wb") as f:
+            write_safetensors(f, tensors, metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> "AutoEncoder":

@@ -94,11 +94,11 @@ def save_features(
     overwrite: bool = False,
 ) -> None:
     """All maps in one safetensors file (keys as in ``features``), atomically."""
-    from safetensors.torch import save_file
+    from .native import write_safetensors
 
     tensors = {k: v.to(dtype).contiguous() for k, v in features.items()}
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "vqcli.features", **(metadata or {})})
+    with atomic_path(path, overwrite=overwrite) as tmp, open(tmp, "wb") as f:
+        write_safetensors(f, tensors, {"format": "vqcli.features", **(metadata or {})})
 
 
 def most_active_channels(t: torch.Tensor, k: int) -> list[int]:

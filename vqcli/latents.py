@@ -31,6 +31,7 @@ values); anything wrong is a ``FileError`` naming the file.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -43,7 +44,7 @@ import torch
 from .autoencoder import AutoEncoder, AutoEncoderConfig
 from .errors import ConfigError, FileError
 from .fileio import atomic_path
-from .native import read_safetensors, read_safetensors_header, short_name
+from .native import read_safetensors, read_safetensors_header, short_name, write_safetensors
 from .padding import padded_size
 
 FORMAT = "vqcli.latent"
@@ -222,16 +223,15 @@ def to_storage(tensor: torch.Tensor, meta: LatentMeta) -> torch.Tensor:
 
 def write_latent(path: str | os.PathLike, tensor: torch.Tensor, meta: LatentMeta, *, overwrite: bool = False) -> None:
     """Write one latent file atomically (``FileExistsError`` if it exists and not ``overwrite``)."""
-    from safetensors.torch import save
-
     stored = to_storage(tensor, meta)
     if tuple(stored.shape) != meta.latent_shape:
         raise ValueError(f"latent shape {tuple(stored.shape)} does not match its metadata {meta.latent_shape}")
-    data = save({KEY: stored}, metadata=meta.to_metadata())
+    buffer = io.BytesIO()
+    write_safetensors(buffer, {KEY: stored}, meta.to_metadata())  # (the same latent, the same bytes)
     # written by Python, not by safetensors' save_file, which takes only paths that are UTF-8 (a
     # subfolder named in Latin-1 is mirrored in the output) and fails with an error of its own
     with atomic_path(path, overwrite=overwrite) as tmp, open(tmp, "wb") as f:
-        f.write(data)
+        f.write(buffer.getbuffer())
 
 
 def is_latent_file(path: str | os.PathLike) -> bool:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -123,6 +126,39 @@ def _check_entries(path: Path, header: dict, data_size: int) -> None:
     for (_, end, first), (start, _, second) in zip(ranges, ranges[1:]):
         if start < end:
             raise FileError(path, f"not a readable safetensors file (tensors {first} and {second} overlap)")
+
+
+# torch dtypes as safetensors names them (what vqcli writes)
+_WRITE_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def write_safetensors(f: BinaryIO, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``tensors`` (and string ``metadata``) to ``f`` as a safetensors file, the same bytes for
+    the same contents: header keys sorted, tensors stored in name order. (The library's own writer
+    orders the metadata by a hash seeded anew in every process, so equal files differed.)"""
+    if sys.byteorder != "little":
+        raise NotImplementedError("safetensors files are little-endian; writing them on a big-endian machine is not supported")
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    stored, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _WRITE_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        stored.append(t)
+        offset += size
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as the library writes it
+    f.write(len(raw).to_bytes(8, "little"))
+    f.write(raw)
+    for t in stored:
+        if t.numel():
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 def short_name(name: str, limit: int = 80) -> str:
