@@ -281,6 +281,36 @@ def test_ctrl_c_inside_a_write_stops_at_once_and_resumes(tmp_path, models, hook_
 
 
 @pytest.mark.slow
+def test_sigterm_stops_like_ctrl_c_and_the_manifest_keeps_what_was_done(tmp_path, models, hook_dir):
+    """SIGTERM (a scheduler pre-empting the job) inside a write: the writes under way finish, the
+    summary and the manifest list exactly the files on disk, the exit code is 143, and the same
+    command again does the rest."""
+    _, lat = _latents(tmp_path, models, 12)
+    out = tmp_path / "rec"
+    mark, release = tmp_path / "mark", tmp_path / "release"
+    env = hook_env(hook_dir, mark, "fsync:3", release)
+    proc = start("decode", lat, "-o", out, "--model", models["kl"], "--manifest", "--json", env=env)
+    assert wait_for(mark.exists, proc), proc.communicate()
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    release.touch()
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert time.monotonic() - sent < STOP_S and "Traceback" not in stderr
+    s = json.loads(stdout)
+    assert s["interrupted"] is True and s["failed"] == 0 and 2 <= s["done"] <= 3 + WRITE_DEPTH
+    assert temporaries(out) == []
+    lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    done = sorted(line["output"] for line in lines if line.get("status") == "done")
+    assert done == sorted(p.relative_to(out).as_posix() for p in finals(out, "*.png")), (lines, s)
+    assert len(done) == s["done"]
+    p = run("decode", lat, "-o", out, "--model", models["kl"], "--manifest", "--json")
+    assert p.returncode == 0, p.stderr
+    assert (json.loads(p.stdout)["skipped"], json.loads(p.stdout)["done"]) == (s["done"], 12 - s["done"])
+    assert _check_images(out, lat, load_model(models["kl"])) == 12
+
+
+@pytest.mark.slow
 def test_ctrl_c_inside_convert_writes_nothing(tmp_path, models, hook_dir):
     folder = tmp_path / "out" / "diffusers"
     mark = tmp_path / "mark"

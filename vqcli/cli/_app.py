@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 from typing import Callable
 
 import typer
@@ -37,6 +38,7 @@ err_console = Console(stderr=True)
 out_console = Console()
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_TERMINATED = 128 + signal.SIGTERM
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
@@ -73,6 +75,26 @@ def handle_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+class _Terminated:
+    """SIGTERM (a scheduler pre-empting the job, ``kill``) stops a run as Ctrl-C does: the writes
+    under way finish, the summary and the manifest say what was done, a training run keeps its
+    checkpoint. The exit code is then 143 (128 + SIGTERM), as for a process the signal ended."""
+
+    received = False
+
+    @classmethod
+    def handler(cls, signum, frame) -> None:
+        if not cls.received:  # (a second SIGTERM while stopping does not interrupt the stopping)
+            cls.received = True
+            raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    app(args=argv, prog_name="vqcli")
+    signal.signal(signal.SIGTERM, _Terminated.handler)
+    try:
+        app(args=argv, prog_name="vqcli")
+    except SystemExit as e:
+        if _Terminated.received and e.code == EXIT_INTERRUPTED:
+            raise SystemExit(EXIT_TERMINATED) from None
+        raise
