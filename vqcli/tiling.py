@@ -585,8 +585,14 @@ def _run_compiled(coder: nn.Module, units: list[_Unit], x: torch.Tensor) -> torc
     fn = _compiled(coder, units)
     if fn is None:
         return None
+    from torch._inductor import config
+
     try:
-        return fn(x)
+        # freezing: the weights become constants of the graph, the convolutions' prepacked for
+        # oneDNN (without it, compiled float32 ran 20% slower than eager on this CPU; with it, ~4%
+        # faster). Compiling happens at the first call of each shape, so the setting is made here.
+        with config.patch(freezing=True):
+            return fn(x)
     except Exception as e:  # torch.compile's failures come in many types, from many layers
         from torch._dynamo.exc import TorchDynamoException
 
