@@ -236,7 +236,7 @@ def bench_e2e(args, reference, ours) -> list[dict]:
         data_dir = Path(skimage.data.__file__).parent
         names = ["astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "camera.png", "hubble_deep_field.jpg",
                  "retina.jpg", "brick.png", "grass.png", "gravel.png", "clock_motion.png", "cell.png", "text.png",
-                 "coins.png", "moon.png", "immunohistochemistry.png"]
+                 "coins.png", "moon.png", "ihc.png"]
         count = 0
         for name in names:
             path = data_dir / name
