@@ -51,8 +51,8 @@ CompileOpt = Annotated[
     bool,
     typer.Option(
         "--compile",
-        help="torch.compile the model (needs a C++ compiler on CPUs; the first image of each size compiles, "
-        "which takes a while: worth it for many images of one size; see README, Speed).",
+        help="torch.compile the model, for GPUs: on CPUs it measured slower than without (README, Speed). The "
+        "first image of each size compiles, a minute or more; needs a C++ compiler on CPUs.",
     ),
 ]
 IoThreadsOpt = Annotated[

@@ -10,9 +10,9 @@ import typer
 from ._app import app, err_console, handle_errors
 from .common import (
     BatchOpt,
+    CompileOpt,
     DeviceOpt,
     DtypeOpt,
-    CompileOpt,
     IoThreadsOpt,
     JsonOpt,
     MaxMemoryOpt,

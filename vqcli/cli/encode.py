@@ -11,9 +11,9 @@ from ..images import DEFAULT_MAX_PIXELS
 from ._app import app, handle_errors
 from .common import (
     BatchOpt,
+    CompileOpt,
     DeviceOpt,
     DtypeOpt,
-    CompileOpt,
     IoThreadsOpt,
     JsonOpt,
     MaxMemoryOpt,
