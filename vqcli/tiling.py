@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .accel import bounded_allocator
 from .blocks import AttnBlock, Downsample, ResnetBlock, Upsample, full_precision, norm_swish
 from .coders import _NO_FEATURES, Decoder, Encoder
 
@@ -546,6 +547,17 @@ def _run_units(
         y = _run_compiled(compile_for, units, x)
         if y is not None:
             return y
+    cpu = x.device.type == "cpu"
+    inputs.append(x)
+    del x  # (only the list holds the input, so that the first segment done frees it)
+    with bounded_allocator() if large and cpu else contextlib.nullcontext():
+        return _run_plan(units, plan, shapes, inputs, budget, large)
+
+
+def _run_plan(units: list[_Unit], plan, shapes, inputs: list[torch.Tensor], budget: int, large: bool) -> torch.Tensor:
+    """The segments of ``plan`` in turn on ``inputs.pop()``."""
+    x = inputs.pop()
+    batch = x.shape[0]
     for start, end, banded in plan:
         if large and _malloc_trim is not None and x.device.type == "cpu":
             # Return the heap's free pages to the system: within the allocator setting that keeps
