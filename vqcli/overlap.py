@@ -45,7 +45,7 @@ WRITE_DEPTH = 2  # writes queued behind the model before it waits for the oldest
 
 class WriteBehind:
     """Runs write jobs (functions returning a result) on one thread, in order, at most ``depth``
-    queued; ``submit`` gives back the results that are ready, ``drain`` all of them.
+    queued; ``submit`` gives the results that are ready, ``drain`` all the others.
 
     One thread, so writes happen in the order they were submitted (a tar being filled member by
     member stays in order). Closing (``with`` exit, or the owning generator closed by an error or
@@ -57,20 +57,29 @@ class WriteBehind:
         self.depth = depth
         self.pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vqcli-write") if enabled else None
         self.pending: collections.deque[cf.Future] = collections.deque()
+        self.ready: collections.deque[R] = collections.deque()  # results done, not given yet
 
-    def submit(self, job: Callable[[], R]) -> list[R]:
+    def submit(self, job: Callable[[], R]) -> Iterator[R]:
+        """Queue ``job`` (waiting while ``depth`` are queued) and give the results that are ready,
+        oldest first. Each is taken from the writer as it is given: when the caller stops taking
+        (Ctrl-C between two), ``drain`` gives the rest."""
         if self.pool is None:
-            return [job()]
-        self.pending.append(self.pool.submit(job))
-        ready = []
-        while self.pending and (len(self.pending) > self.depth or self.pending[0].done()):
-            ready.append(self.pending.popleft().result())
-        return ready
+            self.ready.append(job())
+        else:
+            self.pending.append(self.pool.submit(job))
+            while self.pending and (len(self.pending) > self.depth or self.pending[0].done()):
+                self.ready.append(self.pending.popleft().result())
+        return self._give()
 
-    def drain(self) -> list[R]:
-        ready = [f.result() for f in self.pending]
-        self.pending.clear()
-        return ready
+    def drain(self) -> Iterator[R]:
+        """Wait for every queued job; give all the results not given yet, in order."""
+        while self.pending:
+            self.ready.append(self.pending.popleft().result())
+        return self._give()
+
+    def _give(self) -> Iterator[R]:
+        while self.ready:
+            yield self.ready.popleft()
 
     def close(self) -> None:
         if self.pool is not None:
