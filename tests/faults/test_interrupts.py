@@ -247,6 +247,24 @@ def test_convert_killed_inside_its_writes(tmp_path, models, hook_dir):
 # --- Ctrl-C ---------------------------------------------------------------------------------------
 
 
+def _signal_inside_a_write(tmp_path: Path, models, hook_dir: Path, sig: int, *options: str):
+    """Decode 12 latents, send ``sig`` while the third image is being written (the write paused by
+    the hook, let go at the signal, as a real write would go on): the latents' folder, the output
+    folder, the exit code, stdout and stderr. The run must stop within STOP_S seconds."""
+    _, lat = _latents(tmp_path, models, 12)
+    out = tmp_path / "rec"
+    mark, release = tmp_path / "mark", tmp_path / "release"
+    env = hook_env(hook_dir, mark, "fsync:3", release)
+    proc = start("decode", lat, "-o", out, "--model", models["kl"], *options, "--json", env=env)
+    assert wait_for(mark.exists, proc), proc.communicate()
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    release.touch()
+    stdout, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < STOP_S, stderr
+    return lat, out, proc.returncode, stdout, stderr
+
+
 @pytest.mark.slow
 def test_ctrl_c_inside_a_write_stops_at_once_and_resumes(tmp_path, models, hook_dir):
     """Ctrl-C while a decoded image is being written: exit 130 within STOP_S seconds, the summary
@@ -255,18 +273,8 @@ def test_ctrl_c_inside_a_write_stops_at_once_and_resumes(tmp_path, models, hook_
     The write under way is either abandoned (written by the main thread, which Ctrl-C interrupts) or
     finished (written by a thread behind the model, which the run waits for): the hook lets it go
     on at the signal, as a real write would, and both outcomes are whole."""
-    _, lat = _latents(tmp_path, models, 12)
-    out = tmp_path / "rec"
-    mark, release = tmp_path / "mark", tmp_path / "release"
-    env = hook_env(hook_dir, mark, "fsync:3", release)
-    proc = start("decode", lat, "-o", out, "--model", models["kl"], "--json", env=env)
-    assert wait_for(mark.exists, proc), proc.communicate()
-    sent = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    release.touch()
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
-    assert time.monotonic() - sent < STOP_S
+    lat, out, code, stdout, stderr = _signal_inside_a_write(tmp_path, models, hook_dir, signal.SIGINT)
+    assert code == 130, stderr
     s = json.loads(stdout)
     # Two files were written before the paused one; the write-behind thread may also hold up to
     # WRITE_DEPTH more, submitted while the third was paused, and finishes them all at the signal.
@@ -285,18 +293,8 @@ def test_sigterm_stops_like_ctrl_c_and_the_manifest_keeps_what_was_done(tmp_path
     """SIGTERM (a scheduler pre-empting the job) inside a write: the writes under way finish, the
     summary and the manifest list exactly the files on disk, the exit code is 143, and the same
     command again does the rest."""
-    _, lat = _latents(tmp_path, models, 12)
-    out = tmp_path / "rec"
-    mark, release = tmp_path / "mark", tmp_path / "release"
-    env = hook_env(hook_dir, mark, "fsync:3", release)
-    proc = start("decode", lat, "-o", out, "--model", models["kl"], "--manifest", "--json", env=env)
-    assert wait_for(mark.exists, proc), proc.communicate()
-    sent = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    release.touch()
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 143, stderr
-    assert time.monotonic() - sent < STOP_S and "Traceback" not in stderr
+    lat, out, code, stdout, stderr = _signal_inside_a_write(tmp_path, models, hook_dir, signal.SIGTERM, "--manifest")
+    assert code == 143 and "Traceback" not in stderr, stderr
     s = json.loads(stdout)
     assert s["interrupted"] is True and s["failed"] == 0 and 2 <= s["done"] <= 3 + WRITE_DEPTH
     assert temporaries(out) == []
