@@ -40,10 +40,7 @@ with every other: they run whole, on a whole map.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import logging
-import mmap
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -56,11 +53,6 @@ from .blocks import AttnBlock, Downsample, ResnetBlock, Upsample, full_precision
 from .coders import _NO_FEATURES, Decoder, Encoder
 
 log = logging.getLogger(__name__)
-
-try:  # glibc's malloc_trim: return the heap's free pages to the system
-    _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-except (OSError, AttributeError):
-    _malloc_trim = None
 
 # Maps of a residual block's size alive at once when it runs untiled (measured on the CPU: the
 # input, the first convolution's output, the normalised map, and the convolution's input and output
@@ -345,21 +337,9 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
 
 def _empty_map(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     """An uninitialised whole map for the bands' results, in ``like``'s dtype, device and layout.
-
-    On the CPU a large one gets pages of its own (an anonymous mapping), returned to the system as
-    soon as the map is freed: inside the allocator setting that keeps freed memory in the heap
-    (vqcli.accel.fast_allocator) the whole maps of successive segments, each of its own size,
-    would otherwise leave holes that the next cannot reuse, and the heap would grow past the budget.
-    """
-    layout = _memory_format(like)
-    nbytes = like.element_size() * int(torch.Size(shape).numel())
-    if like.device.type != "cpu" or nbytes < 16 * 2**20:
-        return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=layout)
-    flat = torch.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype=like.dtype)  # keeps the mapping
-    if layout == torch.channels_last:
-        b, c, h, w = shape
-        return flat.view(b, h, w, c).permute(0, 3, 1, 2)
-    return flat.view(shape)
+    (On the CPU, banded work runs under ``accel.bounded_allocator``: a large map gets pages of its
+    own, returned to the system as soon as it is freed.)"""
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=_memory_format(like))
 
 
 def _run_banded(steps: Sequence, x: torch.Tensor, budget: int) -> torch.Tensor:
@@ -551,18 +531,14 @@ def _run_units(
     inputs.append(x)
     del x  # (only the list holds the input, so that the first segment done frees it)
     with bounded_allocator() if large and cpu else contextlib.nullcontext():
-        return _run_plan(units, plan, shapes, inputs, budget, large)
+        return _run_plan(units, plan, shapes, inputs, budget)
 
 
-def _run_plan(units: list[_Unit], plan, shapes, inputs: list[torch.Tensor], budget: int, large: bool) -> torch.Tensor:
+def _run_plan(units: list[_Unit], plan, shapes, inputs: list[torch.Tensor], budget: int) -> torch.Tensor:
     """The segments of ``plan`` in turn on ``inputs.pop()``."""
     x = inputs.pop()
     batch = x.shape[0]
     for start, end, banded in plan:
-        if large and _malloc_trim is not None and x.device.type == "cpu":
-            # Return the heap's free pages to the system: within the allocator setting that keeps
-            # them (vqcli.accel.fast_allocator), what earlier layers freed would add to this one.
-            _malloc_trim(0)
         if not banded:
             x = units[start].whole(x)
             continue
