@@ -55,11 +55,25 @@ def banded_runs(monkeypatch):
     calls = []
     original = tiling._run_banded
 
-    def spy(steps, x, budget):
-        calls.append((len(steps), tuple(x.shape)))
-        return original(steps, x, budget)
+    def spy(steps, inputs, budget, spill=None):
+        calls.append((len(steps), tuple(inputs[-1].shape)))
+        return original(steps, inputs, budget, spill)
 
     monkeypatch.setattr(tiling, "_run_banded", spy)
+    return calls
+
+
+@pytest.fixture
+def staged_runs(monkeypatch):
+    """How many banded segments ran in stages through temporary files."""
+    calls = []
+    original = tiling._run_staged
+
+    def spy(steps, *args):
+        calls.append(len(steps))
+        return original(steps, *args)
+
+    monkeypatch.setattr(tiling, "_run_staged", spy)
     return calls
 
 
@@ -116,7 +130,7 @@ def test_every_band_of_every_layer_equals_the_whole_map(layer):
                 torch.testing.assert_close(band.t, whole[:, :, lo:hi], rtol=1e-5, atol=1e-5)
 
 
-def _plan_of(config: AutoEncoderConfig, size: int, budget: int, coder: str):
+def _plan_of(config: AutoEncoderConfig, size: int, budget: int, coder: str, spill: bool = False):
     model = AutoEncoder(config)
     if coder == "decoder":
         units = tiling._decoder_units(model.decoder)
@@ -126,44 +140,60 @@ def _plan_of(config: AutoEncoderConfig, size: int, budget: int, coder: str):
     shapes = [shape]
     for unit in units:
         shapes.append(unit.shape(shapes[-1]))
-    plan = tiling._plan(units, shapes, 1, budget)
+    plan = tiling._plan(units, shapes, 1, budget, spill)
     return units, shapes, plan
 
 
 SD = AutoEncoderConfig(kind="kl", ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=4)
 
 
+@pytest.mark.parametrize("spill", [False, True], ids=["recompute", "files"])
 @pytest.mark.parametrize("coder", ["decoder", "encoder"])
 @pytest.mark.parametrize("config", [SD, TRAIN_PRESETS["default"]], ids=["sd", "default"])
-def test_plans_keep_within_the_budget_and_work_falls_as_it_grows(config, coder):
+def test_plans_keep_within_the_budget_and_work_falls_as_it_grows(config, coder, spill):
     """At 4096 px: every segment held within the budget (whole maps within 3/4 of it, untiled units
     within it), the units covered in order, and more memory never means more work."""
     gib = 2**30
     works = []
     for budget in (2 * gib, 4 * gib, 8 * gib, 256 * gib):
-        units, shapes, plan = _plan_of(config, 4096, budget, coder)
+        units, shapes, plan = _plan_of(config, 4096, budget, coder, spill)
         assert [start for start, _, _ in plan] == [0] + [end for _, end, _ in plan[:-1]]
         assert plan[-1][1] == len(units)
         work = 0.0
         for start, end, banded in plan:
             held = 4 * (np.prod(shapes[start]) + np.prod(shapes[end]))
+            steps, sh = tiling._segment(units, shapes, start, end)
             if banded:
                 assert held <= budget * 3 // 4
-                steps = [step for u in units[start:end] for step in u.steps]
-                sh = [shapes[start]]
-                for step in steps:
-                    sh.append(step.shape(*sh[-1]))
-                work += tiling._banded_flops(steps, sh)
+                work += tiling._banded_flops(steps, sh, spill)
             else:
                 assert end == start + 1
                 assert units[start].barrier or tiling.LIVE_TENSORS * 4 * max(np.prod(shapes[start]), np.prod(shapes[end])) <= budget
-                sh = [shapes[start]]
-                for step in units[start].steps:
-                    sh.append(step.shape(*sh[-1]))
-                work += sum(tiling._step_flops(st, sh[j], sh[j + 1]) for j, st in enumerate(units[start].steps))
+                work += sum(tiling._step_flops(st, sh[j], sh[j + 1]) for j, st in enumerate(steps))
         works.append(work)
     assert all(a >= b for a, b in zip(works, works[1:])), works
     assert all(not banded for _, _, banded in plan)  # 256 GB: everything untiled
+
+
+def test_stages_through_files_cut_the_work_of_long_banded_segments():
+    """The SD decoder at 4096 px with 4 GB: its last two levels are one banded segment (their maps
+    cannot be held); recomputing it up to each norm plans 7.5x the untiled work, stages through
+    files about 1.4x (the files' writing and reading counted as work)."""
+    untiled = 0.0
+    units, shapes, _ = _plan_of(SD, 4096, 2**40, "decoder")
+    for i in range(len(units)):
+        steps, sh = tiling._segment(units, shapes, i, i + 1)
+        untiled += sum(tiling._step_flops(st, sh[j], sh[j + 1]) for j, st in enumerate(steps))
+    work = {}
+    for spill in (False, True):
+        _, _, plan = _plan_of(SD, 4096, 4 * 2**30, "decoder", spill)
+        work[spill] = 0.0
+        for start, end, banded in plan:
+            steps, sh = tiling._segment(units, shapes, start, end)
+            work[spill] += tiling._banded_flops(steps, sh, spill) if banded else sum(
+                tiling._step_flops(st, sh[j], sh[j + 1]) for j, st in enumerate(steps))
+    assert work[False] > 5 * untiled
+    assert work[True] < 1.6 * untiled
 
 
 def test_whole_stats_match_group_norm_statistics():
@@ -194,7 +224,10 @@ def _near_tie(model: AutoEncoder, moments: torch.Tensor, margin: float) -> torch
     ],
     ids=["kl-tiny-budget", "kl-some-budget", "vq-tiny-budget", "vq-some-budget", "attention-avgpool", "default"],
 )
-def test_tiled_encode_and_decode_equal_untiled(config, budget, banded_runs):
+@pytest.mark.parametrize("spill", [True, False], ids=["files", "recompute"])
+def test_tiled_encode_and_decode_equal_untiled(config, budget, spill, banded_runs, staged_runs, monkeypatch, tmp_path):
+    """Both ways of banding: stages through temporary files, and recomputing for each norm."""
+    monkeypatch.setattr(tiling, "spill_directory", lambda: str(tmp_path) if spill else None)
     model = _randomised(config)
     x = torch.rand(2, 3, 96, 136) * 2 - 1  # a batch: the statistics are per image
     x[1] = x[1] * 0.3 + 0.5
@@ -207,6 +240,11 @@ def test_tiled_encode_and_decode_equal_untiled(config, budget, banded_runs):
             image_tiled = model.decode(z)
             indices_tiled = model.encode_indices(x) if config.kind == "vq" else None
     assert len(banded_runs) >= 2  # the encoder and the decoder ran in bands
+    if not spill:
+        assert staged_runs == []
+    elif budget == 48 * 1024:  # one long banded segment: stages pay
+        assert staged_runs
+    assert list(tmp_path.iterdir()) == []  # the temporary files are gone
     assert (moments_tiled - moments).abs().max().item() <= 1e-5
     assert (image_tiled - image).abs().max().item() <= 5e-5
     if config.kind == "vq":
@@ -226,6 +264,62 @@ def test_a_budget_that_fits_runs_the_plain_network(banded_runs):
             assert torch.equal(model.encode(x), z)
             assert torch.equal(model.decode(z), image)
     assert banded_runs == []
+
+
+@pytest.mark.parametrize("dtype, memory_format", [(torch.float32, torch.contiguous_format), (torch.bfloat16, torch.channels_last)])
+def test_a_spilled_map_gives_back_any_rows(tmp_path, dtype, memory_format):
+    whole = torch.randn(2, 5, 23, 7).to(dtype).contiguous(memory_format=memory_format)
+    spilled = tiling._Spilled(str(tmp_path), tuple(whole.shape), memory_format)
+    for lo in (16, 0, 9, 4):  # bands written in any order
+        hi = {0: 4, 4: 9, 9: 16, 16: 23}[lo]
+        spilled.write(tiling._Band(whole[:, :, lo:hi], lo, 23))
+    for lo, hi in ((0, 23), (3, 4), (5, 20), (22, 23)):
+        rows = spilled.read(lo, hi)
+        assert rows.dtype == dtype and rows.is_contiguous(memory_format=memory_format)
+        assert torch.equal(rows, whole[:, :, lo:hi])
+    spilled.close()
+
+
+def test_too_little_disk_for_the_files_means_recomputing(monkeypatch, tmp_path, staged_runs, caplog):
+    monkeypatch.setattr(tiling, "spill_directory", lambda: str(tmp_path))
+    monkeypatch.setattr(tiling, "_free_disk", lambda directory: 1000)
+    model = _randomised(KL)
+    x = torch.rand(1, 3, 64, 96) * 2 - 1
+    with torch.inference_mode():
+        z = model.encode(x)
+        with bounded_memory(model, budget=48 * 1024), caplog.at_level("WARNING", logger="vqcli.tiling"):
+            z_tiled = model.encode(x)
+    assert staged_runs == []
+    assert f"0 MB free in {tmp_path}" in caplog.text and "recomputing instead" in caplog.text
+    assert (z_tiled - z).abs().max().item() <= 1e-5
+
+
+_MOUNTINFO = """\
+22 1 252:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+23 22 0:21 / /tmp rw,nosuid shared:2 - tmpfs tmpfs rw,size=4g
+24 23 252:1 / /tmp/big\\040disk rw shared:3 - xfs /dev/vdb rw
+25 22 0:22 / /dev/shm rw shared:4 opt:x - tmpfs tmpfs rw
+"""
+
+
+def test_files_kept_in_memory_are_recognised_from_the_mount_table():
+    assert not tiling._in_memory("/", _MOUNTINFO)
+    assert not tiling._in_memory("/var/tmp", _MOUNTINFO)
+    assert tiling._in_memory("/tmp", _MOUNTINFO)
+    assert tiling._in_memory("/tmp/x/y", _MOUNTINFO)
+    assert not tiling._in_memory("/tmp/big disk/x", _MOUNTINFO)  # a disk mounted inside the tmpfs
+    assert tiling._in_memory("/dev/shm", _MOUNTINFO)  # optional fields before the separator
+    assert not tiling._in_memory("/tmpfoo", _MOUNTINFO)
+
+
+def test_temporary_files_go_where_the_disk_is(monkeypatch, tmp_path):
+    monkeypatch.setattr(tiling.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(tiling, "_in_memory", lambda path: False)
+    assert tiling.spill_directory() == str(tmp_path)
+    monkeypatch.setattr(tiling, "_in_memory", lambda path: path == str(tmp_path))
+    assert tiling.spill_directory() == "/var/tmp"
+    monkeypatch.setattr(tiling, "_in_memory", lambda path: True)
+    assert tiling.spill_directory() is None
 
 
 def test_bfloat16_channels_last_tiled_as_close_to_float32_as_untiled(banded_runs):

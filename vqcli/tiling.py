@@ -21,17 +21,19 @@ Exactness (tests/test_tiling.py, tests/test_large_images.py):
   padding counts only at the image's real borders;
 - GroupNorm uses the statistics of the whole image, never of one band (per-band statistics cause
   seams and tone shifts between bands). A norm whose input is the segment's input takes them from
-  that map; any later norm's input does not exist whole, so a pass over the bands computes the
-  segment up to that norm (with the statistics already known) and accumulates the sums of that
-  norm's input over the bands' own rows (Chan et al.'s pairwise merge, in float64).
+  that map; any later norm's input does not exist whole in memory. On the CPU, the segment then runs
+  in *stages* cut before each such norm: each stage's whole output (the next norm's input) goes to
+  an unnamed temporary file (``TMPDIR``, or /var/tmp where that is kept in memory), written and read
+  in bands, never mapped, so it takes disk and page cache but not the process's memory; the norm's
+  statistics are gathered as it is written (Chan et al.'s pairwise merge, in float64). Where there
+  is no room on disk (or on a GPU, or where the files would cost more than they save), a pass over
+  the bands computes the segment up to that norm, with the statistics already known, instead.
 
 So the result equals the untiled network's up to float summation order (about 1e-6 in float32).
-The price is computation: a segment with K norms computes its first layers up to K+1 times, so the
-plan keeps segments short where the budget allows (a residual block alone costs one convolution
-more). Measured plans, decode of 4096 px with a 4 GB budget: the embedded default architecture
-about 3x the untiled work, the SD architecture about 7x (its maps at 2048 and 4096 px, 4 and 8 GB,
-cannot be held, so the last two levels are one segment); where the full-resolution maps fit,
-1.3-1.9x.
+The price: stages write and read each inner map once (the SD decoder at 4096 px with a 4 GB budget
+plans 1.4x the untiled work, the files counted at their measured speed, with up to 32 GB of them at
+once); recomputing computes a segment's first layers up to K+1 times for K norms (the same plan:
+7.5x), so without files the plan keeps segments short where the budget allows.
 
 Attention blocks (the middle one at the latent resolution, and any at a level) mix every position
 with every other: they run whole, on a whole map.
@@ -40,7 +42,10 @@ with every other: they run whole, on a whole map.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import os
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -271,16 +276,24 @@ def _needs(steps: Sequence, shapes: Sequence[tuple[int, int, int]], lo: int, hi:
     return needs
 
 
-def _forward(steps: Sequence, shapes, x: torch.Tensor, lo: int, hi: int, stats) -> _Band:
-    """Rows [lo, hi) of the output of ``steps`` on the whole map ``x``, computed from its rows around them."""
+def _forward(steps: Sequence, shapes, x, lo: int, hi: int, stats, outer: Sequence = ()) -> _Band:
+    """Rows [lo, hi) of the output of ``steps`` on the whole map ``x`` (a tensor, or a map kept in
+    a file: ``_Spilled``), computed from its rows around them. ``outer``: where the residual
+    additions whose blocks began before ``steps`` find their kept maps, in order."""
+    source = _Held(x) if isinstance(x, torch.Tensor) else x
+    outer = list(outer)
     needs = _needs(steps, shapes, lo, hi)
-    band = _Band(x, 0, x.shape[2]).rows(*needs[0])
+    band = _Band(source.read(*needs[0]), needs[0][0], shapes[0][1])
     kept = []
     for j, step in enumerate(steps):
         if isinstance(step, _Push):
             kept.append(band)
         elif isinstance(step, _Add):
-            band = step.run(band, kept.pop())
+            if kept:
+                residual = kept.pop()
+            else:  # the block began in an earlier stage (``_run_staged``)
+                residual = _Band(outer.pop(0).read(band.r0, band.r1), band.r0, band.height)
+            band = step.run(band, residual)
         else:
             band = step.run(band, stats)
         band = band.rows(*needs[j + 1])  # drop what no later step needs
@@ -302,7 +315,8 @@ def _band_bytes(steps: Sequence, shapes, batch: int, lo: int, hi: int) -> int:
         if isinstance(step, _Push):
             kept = nbytes(j)
         conv = isinstance(step, (_Conv, _Down))
-        most = max(most, kept + (3 if conv else 1) * nbytes(j) + (2 if conv else 1) * nbytes(j + 1))
+        outer = nbytes(j) if isinstance(step, _Add) and not kept else 0  # read from an earlier stage
+        most = max(most, kept + outer + (3 if conv else 1) * nbytes(j) + (2 if conv else 1) * nbytes(j + 1))
         if isinstance(step, _Add):
             kept = 0
     return most
@@ -342,23 +356,30 @@ def _empty_map(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=_memory_format(like))
 
 
-def _run_banded(steps: Sequence, x: torch.Tensor, budget: int) -> torch.Tensor:
-    """``steps`` on the whole map ``x``, band by band, with whole-map GroupNorm statistics."""
+def _run_banded(steps: Sequence, inputs: list[torch.Tensor], budget: int, spill_dir: str | None = None) -> torch.Tensor:
+    """``steps`` on the whole map ``inputs.pop()``, band by band, with whole-map GroupNorm
+    statistics: in stages through temporary files in ``spill_dir`` where that costs less
+    (``_staged_pays``; the input is freed after its last stage), else recomputing the segment up
+    to each norm for its statistics."""
+    x = inputs[-1]
     shapes = [tuple(x.shape[1:])]
     for step in steps:
         shapes.append(step.shape(*shapes[-1]))
     batch = x.shape[0]
     stats: dict = {}
     for i, step in enumerate(steps):
-        if not isinstance(step, _Norm):
-            continue
-        groups = step.norm.num_groups
-        if all(isinstance(s, _Push) for s in steps[:i]):  # the norm of the segment's input
-            stats[step] = whole_stats(x, groups)
+        if isinstance(step, _Norm) and all(isinstance(s, _Push) for s in steps[:i]):  # the segment's input
+            stats[step] = whole_stats(x, step.norm.num_groups)
+    if spill_dir is not None and _staged_pays(steps, shapes):
+        del x
+        return _run_staged(steps, shapes, inputs, budget, stats, spill_dir)
+    inputs.pop()
+    for i, step in enumerate(steps):
+        if not isinstance(step, _Norm) or step in stats:
             continue
         gathered = _Stats()  # a pass over the bands of this norm's input, for its statistics
         for lo, hi in _bands(steps[:i], shapes[: i + 1], batch, budget):
-            gathered.add(_forward(steps[:i], shapes[: i + 1], x, lo, hi, stats).t, groups)
+            gathered.add(_forward(steps[:i], shapes[: i + 1], x, lo, hi, stats).t, step.norm.num_groups)
         stats[step] = gathered.mean_var()
     out = None
     for lo, hi in _bands(steps, shapes, batch, budget):
@@ -368,6 +389,202 @@ def _run_banded(steps: Sequence, x: torch.Tensor, budget: int) -> torch.Tensor:
         out[:, :, lo:hi].copy_(band)
         del band
     return out
+
+
+# --- banded segments in stages, through temporary files ----------------------------------------
+#
+# (See the module's docstring.) Files are written and read with pwrite/pread, never mapped: a
+# mapped file's pages count in the process's resident memory, the page cache's do not, and the
+# kernel writes them back to disk and drops them when memory is short.
+
+# The cost of a byte kept in a file, in floating-point operations of convolution (measured on the
+# development machine with 2 threads: fresh pages written at 0.3-0.9 GB/s and read back at 2-2.5 GB/s,
+# convolutions at about 200 GFLOP/s).
+WRITE_FLOPS_PER_BYTE = 400
+READ_FLOPS_PER_BYTE = 100
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of the contiguous CPU tensor ``t``, without a copy (keep ``t`` while they are used)."""
+    return memoryview((ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr())).cast("B")
+
+
+class _Held:
+    """A whole map in memory, read in bands."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+
+    def read(self, lo: int, hi: int) -> torch.Tensor:
+        return self.t[:, :, lo:hi]
+
+    def close(self) -> None:
+        pass
+
+
+class _Spilled:
+    """A whole (B, C, H, W) map in an unnamed temporary file, stored row after row, written and read
+    in bands."""
+
+    def __init__(self, directory: str, shape: tuple[int, ...], memory_format: torch.memory_format):
+        self.file = tempfile.TemporaryFile(dir=directory)
+        self.shape, self.memory_format = shape, memory_format
+        self.dtype: torch.dtype | None = None  # the bands' (float32, or bfloat16 under autocast)
+
+    def _row_bytes(self) -> int:
+        b, c, _, w = self.shape
+        return b * c * w * torch.empty((), dtype=self.dtype).element_size()
+
+    def write(self, band: _Band) -> None:
+        if self.dtype is None:
+            self.dtype = band.t.dtype
+        rows = band.t.permute(2, 0, 1, 3).contiguous()  # (rows, B, C, W)
+        data, offset = _bytes_of(rows), band.r0 * self._row_bytes()
+        while data:
+            n = os.pwrite(self.file.fileno(), data, offset)
+            data, offset = data[n:], offset + n
+
+    def read(self, lo: int, hi: int) -> torch.Tensor:
+        b, c, _, w = self.shape
+        rows = torch.empty((hi - lo, b, c, w), dtype=self.dtype)
+        data, offset = _bytes_of(rows), lo * self._row_bytes()
+        while data:
+            n = os.preadv(self.file.fileno(), [data], offset)
+            if n == 0:
+                raise OSError(f"temporary file {self.file.name!r} ended early")
+            data, offset = data[n:], offset + n
+        return rows.permute(1, 2, 0, 3).contiguous(memory_format=self.memory_format)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _stages(steps: Sequence) -> tuple[list[int], dict[int, int], list[int]]:
+    """How ``_run_staged`` cuts ``steps``: the stage boundaries (step indices: 0, one before each
+    norm whose input is not the segment's, the end); for each residual addition whose block began in
+    an earlier stage, the boundary whose map it adds (its block's input); and for each boundary,
+    the last stage that reads its map."""
+    cuts = [i for i, s in enumerate(steps) if isinstance(s, _Norm) and not all(isinstance(p, _Push) for p in steps[:i])]
+    bounds = [0, *cuts, len(steps)]
+
+    def stage_of(i: int) -> int:
+        return max(k for k, b in enumerate(bounds[:-1]) if b <= i)
+
+    last_read = {b: k for k, b in enumerate(bounds[:-1])}
+    residual_of, pushes = {}, []
+    for j, step in enumerate(steps):
+        if isinstance(step, _Push):
+            pushes.append(j)
+        elif isinstance(step, _Add):
+            p = pushes.pop()
+            if stage_of(p) == stage_of(j):
+                continue
+            lo, hi = p, p  # the maps between a _Push and the next step that changes it are all equal
+            while lo > 0 and isinstance(steps[lo - 1], _Push):
+                lo -= 1
+            while hi < len(steps) and isinstance(steps[hi], _Push):
+                hi += 1
+            kept = [b for b in bounds if lo <= b <= hi]
+            if not kept:
+                raise AssertionError(f"step {j}: its block's input is not kept between stages")
+            residual_of[j] = kept[0]
+            last_read[kept[0]] = max(last_read[kept[0]], stage_of(j))
+    return bounds, residual_of, [last_read.get(b, -1) for b in bounds]
+
+
+def _staged_flops(steps: Sequence, shapes) -> float:
+    """Work of ``_run_staged`` (per image): every step once, and the files' writing and reading."""
+    bounds, residual_of, _ = _stages(steps)
+    total = sum(_step_flops(step, shapes[j], shapes[j + 1]) for j, step in enumerate(steps))
+    for b in bounds[1:-1]:
+        c, h, w = shapes[b]
+        reads = 1 + sum(1 for kept in residual_of.values() if kept == b)
+        total += 4 * c * h * w * (WRITE_FLOPS_PER_BYTE + reads * READ_FLOPS_PER_BYTE)
+    return total
+
+
+def _staged_pays(steps: Sequence, shapes) -> bool:
+    return len(_stages(steps)[0]) > 2 and _staged_flops(steps, shapes) < _recomputed_flops(steps, shapes)
+
+
+def _staged_disk(steps: Sequence, shapes, batch: int) -> int:
+    """The most bytes ``_run_staged`` keeps in files at once (float32)."""
+    bounds, _, last_read = _stages(steps)
+    most = 0
+    for k in range(len(bounds) - 1):
+        alive = [b for i, b in enumerate(bounds[1:-1], 1) if i <= k + 1 and last_read[i] >= k]
+        most = max(most, sum(batch * 4 * shapes[b][0] * shapes[b][1] * shapes[b][2] for b in alive))
+    return most
+
+
+def _run_staged(steps: Sequence, shapes, inputs: list[torch.Tensor], budget: int, stats: dict, spill_dir: str) -> torch.Tensor:
+    """``_run_banded`` in stages, each stage's output (the next norm's input) in a temporary file."""
+    batch = inputs[-1].shape[0]
+    memory_format = _memory_format(inputs[-1])
+    bounds, residual_of, last_read = _stages(steps)
+    maps = {0: _Held(inputs.pop())}  # (the only reference: freed after its last stage)
+    out = None
+    with contextlib.ExitStack() as files:
+        for k in range(len(bounds) - 1):
+            s, e = bounds[k], bounds[k + 1]
+            part, sh = steps[s:e], shapes[s : e + 1]
+            outer = [maps[residual_of[j]] for j in range(s, e) if j in residual_of]
+            final = e == len(steps)
+            if not final:
+                target = _Spilled(spill_dir, (batch, *shapes[e]), memory_format)
+                files.callback(target.close)
+                gathered, groups = _Stats(), steps[e].norm.num_groups
+            for lo, hi in _bands(part, sh, batch, budget):
+                band = _forward(part, sh, maps[s], lo, hi, stats, outer)
+                if final:
+                    if out is None:
+                        out = _empty_map((batch, *shapes[-1]), band.t)
+                    out[:, :, lo:hi].copy_(band.t)
+                else:
+                    gathered.add(band.t, groups)
+                    target.write(band)
+                del band
+            if not final:
+                stats[steps[e]] = gathered.mean_var()
+                maps[e] = target
+            for i, b in enumerate(bounds[:-1]):
+                if b in maps and last_read[i] <= k:
+                    maps.pop(b).close()  # no later stage reads it
+    return out
+
+
+def spill_directory() -> str | None:
+    """Where banded work keeps its temporary files: the temporary directory (``TMPDIR``), or
+    /var/tmp where that is kept in memory (tmpfs); None where neither will do (or no pwrite)."""
+    if not hasattr(os, "pwrite"):
+        return None
+    for directory in (tempfile.gettempdir(), "/var/tmp"):
+        if os.path.isdir(directory) and os.access(directory, os.W_OK) and not _in_memory(directory):
+            return directory
+    return None
+
+
+def _in_memory(path: str, mountinfo: str | None = None) -> bool:
+    """Whether ``path`` is on a file system kept in memory (tmpfs, ramfs): the type of the mount
+    holding it, from ``mountinfo`` (the text of /proc/self/mountinfo; where there is none, the path
+    is taken to be on a disk)."""
+    if mountinfo is None:
+        try:
+            with open("/proc/self/mountinfo") as f:
+                mountinfo = f.read()
+        except OSError:
+            return False
+    real = os.path.realpath(path)
+    best, fstype = "", ""
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if "-" not in fields[5:] or len(fields) < 5:
+            continue
+        mount = fields[4].replace("\\040", " ")
+        inside = real == mount or real.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, fstype = mount, fields[fields.index("-", 5) + 1]
+    return fstype in ("tmpfs", "ramfs")
 
 
 # --- the coders as chains of units ----------------------------------------------------------------
@@ -447,8 +664,9 @@ def _step_flops(step, shape_in: tuple[int, int, int], shape_out: tuple[int, int,
     return 8.0 * c_out * h * w
 
 
-def _banded_flops(steps: Sequence, shapes) -> float:
-    """Work of ``_run_banded``: one pass up to each norm whose input is not the segment's, one in all."""
+def _recomputed_flops(steps: Sequence, shapes) -> float:
+    """Work of ``_run_banded`` without files (per image): one pass up to each norm whose input is not
+    the segment's, and one pass through all."""
     flops = [_step_flops(step, shapes[j], shapes[j + 1]) for j, step in enumerate(steps)]
     total = sum(flops)
     for i, step in enumerate(steps):
@@ -457,9 +675,16 @@ def _banded_flops(steps: Sequence, shapes) -> float:
     return total
 
 
-def _plan(units: list[_Unit], shapes, batch: int, budget: int) -> list[tuple[int, int, bool]]:
+def _banded_flops(steps: Sequence, shapes, spill: bool = False) -> float:
+    """Work of ``_run_banded``: the cheaper of stages through files (where ``spill``) and recomputing."""
+    work = _recomputed_flops(steps, shapes)
+    return min(work, _staged_flops(steps, shapes)) if spill and len(_stages(steps)[0]) > 2 else work
+
+
+def _plan(units: list[_Unit], shapes, batch: int, budget: int, spill: bool = False) -> list[tuple[int, int, bool]]:
     """Segments ``(start, end, banded)`` covering ``units``: the least memory beyond ``budget``
-    first, then the least work (dynamic programming over the boundaries kept whole)."""
+    first, then the least work (dynamic programming over the boundaries kept whole). ``spill``:
+    banded segments may run in stages through temporary files."""
     n = len(units)
 
     def nbytes(i: int) -> int:
@@ -492,7 +717,7 @@ def _plan(units: list[_Unit], shapes, batch: int, budget: int) -> list[tuple[int
                 steps = [st for u in segment for st in u.steps]
                 sh = [shapes[start]] + [x for k in range(start, end) for x in unit_shapes[k][1:]]
                 held = nbytes(start) + nbytes(end)
-                options.append((max(0, held - budget * 3 // 4), _banded_flops(steps, sh), True))
+                options.append((max(0, held - budget * 3 // 4), _banded_flops(steps, sh, spill), True))
             before_excess, before_work, _ = best[start]
             for excess, work, banded in options:
                 candidate = (max(before_excess, excess), before_work + work, (start, banded))
@@ -521,7 +746,18 @@ def _run_units(
     shapes = [tuple(x.shape[1:])]
     for unit in units:
         shapes.append(unit.shape(shapes[-1]))
-    plan = _plan(units, shapes, batch, budget)
+    directory = spill_directory() if x.device.type == "cpu" else None  # (on a GPU, recomputing is cheap)
+    plan = _plan(units, shapes, batch, budget, spill=directory is not None)
+    if directory is not None:
+        disk = _plan_disk(units, plan, shapes, batch)
+        free = _free_disk(directory)
+        if disk > 0.9 * free:
+            log.warning(
+                "%d MB free in %s for %d MB of temporary files: recomputing instead (slower; set TMPDIR "
+                "to a directory with more room)", free >> 20, directory, disk >> 20,
+            )
+            directory = None
+            plan = _plan(units, shapes, batch, budget)
     large = any(banded for _, _, banded in plan)
     if not large and compile_for is not None:
         y = _run_compiled(compile_for, units, x)
@@ -531,11 +767,38 @@ def _run_units(
     inputs.append(x)
     del x  # (only the list holds the input, so that the first segment done frees it)
     with bounded_allocator() if large and cpu else contextlib.nullcontext():
-        return _run_plan(units, plan, shapes, inputs, budget)
+        return _run_plan(units, plan, shapes, inputs, budget, directory)
 
 
-def _run_plan(units: list[_Unit], plan, shapes, inputs: list[torch.Tensor], budget: int) -> torch.Tensor:
-    """The segments of ``plan`` in turn on ``inputs.pop()``."""
+def _segment(units: list[_Unit], shapes, start: int, end: int) -> tuple[list, list[tuple[int, int, int]]]:
+    """The steps of ``units[start:end]`` and the shapes of their maps (from ``shapes[start]``)."""
+    steps = [step for u in units[start:end] for step in u.steps]
+    sh = [shapes[start]]
+    for step in steps:
+        sh.append(step.shape(*sh[-1]))
+    return steps, sh
+
+
+def _plan_disk(units: list[_Unit], plan, shapes, batch: int) -> int:
+    """The most bytes of temporary files that ``plan`` keeps at once."""
+    most = 0
+    for start, end, banded in plan:
+        steps, sh = _segment(units, shapes, start, end)
+        if banded and _staged_pays(steps, sh):
+            most = max(most, _staged_disk(steps, sh, batch))
+    return most
+
+
+def _free_disk(directory: str) -> int:
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def _run_plan(
+    units: list[_Unit], plan, shapes, inputs: list[torch.Tensor], budget: int, spill_dir: str | None = None
+) -> torch.Tensor:
+    """The segments of ``plan`` in turn on ``inputs.pop()`` (banded ones staged through temporary
+    files in ``spill_dir`` where that pays)."""
     x = inputs.pop()
     batch = x.shape[0]
     for start, end, banded in plan:
@@ -546,7 +809,10 @@ def _run_plan(units: list[_Unit], plan, shapes, inputs: list[torch.Tensor], budg
         c1, h1, w1 = shapes[end]
         held = batch * 4 * (c0 * h0 * w0 + c1 * h1 * w1)
         log.debug("units %d-%d in bands (%d MB held whole)", start, end - 1, held >> 20)
-        x = _run_banded([step for u in units[start:end] for step in u.steps], x, max(budget - held, budget // 4))
+        steps = [step for u in units[start:end] for step in u.steps]
+        inputs.append(x)
+        del x  # (so that a staged run can free it after its last stage)
+        x = _run_banded(steps, inputs, max(budget - held, budget // 4), spill_dir)
     return x
 
 

@@ -69,7 +69,8 @@ MaxMemoryOpt = Annotated[
     typer.Option(
         "--max-memory",
         help="Memory for the model's working data, e.g. 4GB (default: a quarter of the free memory). What "
-        "does not fit is computed in bands, with the same result.",
+        "does not fit is computed in bands, with the same result (large intermediate maps go to temporary "
+        "files in TMPDIR).",
     ),
 ]
 
