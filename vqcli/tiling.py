@@ -276,6 +276,12 @@ def _needs(steps: Sequence, shapes: Sequence[tuple[int, int, int]], lo: int, hi:
     return needs
 
 
+def _inner_norms(steps: Sequence) -> list[int]:
+    """Indices of the norms whose input is not the segment's input (a step other than ``_Push``
+    comes before them): their statistics need a pass over the bands, or a stage of their own."""
+    return [i for i, s in enumerate(steps) if isinstance(s, _Norm) and not all(isinstance(p, _Push) for p in steps[:i])]
+
+
 def _forward(steps: Sequence, shapes, x, lo: int, hi: int, stats, outer: Sequence = ()) -> _Band:
     """Rows [lo, hi) of the output of ``steps`` on the whole map ``x`` (a tensor, or a map kept in
     a file: ``_Spilled``), computed from its rows around them. ``outer``: where the residual
@@ -367,16 +373,16 @@ def _run_banded(steps: Sequence, inputs: list[torch.Tensor], budget: int, spill_
         shapes.append(step.shape(*shapes[-1]))
     batch = x.shape[0]
     stats: dict = {}
+    inner = _inner_norms(steps)
     for i, step in enumerate(steps):
-        if isinstance(step, _Norm) and all(isinstance(s, _Push) for s in steps[:i]):  # the segment's input
+        if isinstance(step, _Norm) and i not in inner:  # the norm of the segment's input
             stats[step] = whole_stats(x, step.norm.num_groups)
     if spill_dir is not None and _staged_pays(steps, shapes):
         del x
         return _run_staged(steps, shapes, inputs, budget, stats, spill_dir)
     inputs.pop()
-    for i, step in enumerate(steps):
-        if not isinstance(step, _Norm) or step in stats:
-            continue
+    for i in inner:
+        step = steps[i]
         gathered = _Stats()  # a pass over the bands of this norm's input, for its statistics
         for lo, hi in _bands(steps[:i], shapes[: i + 1], batch, budget):
             gathered.add(_forward(steps[:i], shapes[: i + 1], x, lo, hi, stats).t, step.norm.num_groups)
@@ -433,7 +439,7 @@ class _Spilled:
 
     def _row_bytes(self) -> int:
         b, c, _, w = self.shape
-        return b * c * w * torch.empty((), dtype=self.dtype).element_size()
+        return b * c * w * self.dtype.itemsize
 
     def write(self, band: _Band) -> None:
         if self.dtype is None:
@@ -464,8 +470,7 @@ def _stages(steps: Sequence) -> tuple[list[int], dict[int, int], list[int]]:
     norm whose input is not the segment's, the end); for each residual addition whose block began in
     an earlier stage, the boundary whose map it adds (its block's input); and for each boundary,
     the last stage that reads its map."""
-    cuts = [i for i, s in enumerate(steps) if isinstance(s, _Norm) and not all(isinstance(p, _Push) for p in steps[:i])]
-    bounds = [0, *cuts, len(steps)]
+    bounds = [0, *_inner_norms(steps), len(steps)]
 
     def stage_of(i: int) -> int:
         return max(k for k, b in enumerate(bounds[:-1]) if b <= i)
@@ -668,11 +673,7 @@ def _recomputed_flops(steps: Sequence, shapes) -> float:
     """Work of ``_run_banded`` without files (per image): one pass up to each norm whose input is not
     the segment's, and one pass through all."""
     flops = [_step_flops(step, shapes[j], shapes[j + 1]) for j, step in enumerate(steps)]
-    total = sum(flops)
-    for i, step in enumerate(steps):
-        if isinstance(step, _Norm) and not all(isinstance(s, _Push) for s in steps[:i]):
-            total += sum(flops[:i])
-    return total
+    return sum(flops) + sum(sum(flops[:i]) for i in _inner_norms(steps))
 
 
 def _banded_flops(steps: Sequence, shapes, spill: bool = False) -> float:
@@ -746,7 +747,8 @@ def _run_units(
     shapes = [tuple(x.shape[1:])]
     for unit in units:
         shapes.append(unit.shape(shapes[-1]))
-    directory = spill_directory() if x.device.type == "cpu" else None  # (on a GPU, recomputing is cheap)
+    cpu = x.device.type == "cpu"
+    directory = spill_directory() if cpu else None  # (on a GPU, recomputing is cheap)
     plan = _plan(units, shapes, batch, budget, spill=directory is not None)
     if directory is not None:
         disk = _plan_disk(units, plan, shapes, batch)
@@ -763,7 +765,6 @@ def _run_units(
         y = _run_compiled(compile_for, units, x)
         if y is not None:
             return y
-    cpu = x.device.type == "cpu"
     inputs.append(x)
     del x  # (only the list holds the input, so that the first segment done frees it)
     with bounded_allocator() if large and cpu else contextlib.nullcontext():
