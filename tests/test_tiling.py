@@ -294,6 +294,22 @@ def test_too_little_disk_for_the_files_means_recomputing(monkeypatch, tmp_path, 
     assert (z_tiled - z).abs().max().item() <= 1e-5
 
 
+def test_a_full_disk_names_the_temporary_directory(monkeypatch, tmp_path):
+    import errno
+    import os
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(tiling, "spill_directory", lambda: str(tmp_path))
+    monkeypatch.setattr(tiling.os, "pwrite", full)
+    model = _randomised(KL)
+    with torch.inference_mode(), bounded_memory(model, budget=48 * 1024):
+        with pytest.raises(OSError, match=f"temporary file in {tmp_path}: No space left on device .*TMPDIR"):
+            model.encode(torch.rand(1, 3, 64, 96) * 2 - 1)
+    assert list(tmp_path.iterdir()) == []
+
+
 _MOUNTINFO = """\
 22 1 252:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
 23 22 0:21 / /tmp rw,nosuid shared:2 - tmpfs tmpfs rw,size=4g

@@ -434,6 +434,7 @@ class _Spilled:
 
     def __init__(self, directory: str, shape: tuple[int, ...], memory_format: torch.memory_format):
         self.file = tempfile.TemporaryFile(dir=directory)
+        self.directory = directory
         self.shape, self.memory_format = shape, memory_format
         self.dtype: torch.dtype | None = None  # the bands' (float32, or bfloat16 under autocast)
 
@@ -446,9 +447,13 @@ class _Spilled:
             self.dtype = band.t.dtype
         rows = band.t.permute(2, 0, 1, 3).contiguous()  # (rows, B, C, W)
         data, offset = _bytes_of(rows), band.r0 * self._row_bytes()
-        while data:
-            n = os.pwrite(self.file.fileno(), data, offset)
-            data, offset = data[n:], offset + n
+        try:
+            while data:
+                n = os.pwrite(self.file.fileno(), data, offset)
+                data, offset = data[n:], offset + n
+        except OSError as e:  # a full disk, say: say which, and what to do
+            raise OSError(e.errno, f"temporary file in {self.directory}: {e.strerror or e} (set TMPDIR to a "
+                          "directory with more room, or give --max-memory more)") from None
 
     def read(self, lo: int, hi: int) -> torch.Tensor:
         b, c, _, w = self.shape
