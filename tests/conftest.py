@@ -95,6 +95,7 @@ def build_diffusers(config: AutoEncoderConfig, seed: int = 0) -> torch.nn.Module
         layers_per_block=config.num_res_blocks,
         latent_channels=config.z_channels,
         sample_size=config.resolution,
+        mid_block_add_attention=config.mid_attention,
     )
     torch.manual_seed(seed)
     if config.kind == "kl":

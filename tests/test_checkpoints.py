@@ -357,6 +357,64 @@ def test_taming_ckpt_ignores_loss_weights_and_optimizer_state(vq, tmp_path):
     assert not any(k.startswith("loss.") for k in ckpt.state)
 
 
+@pytest.fixture(scope="module")
+def kl_no_mid() -> Reference:
+    """A KL model without the middle attention block (diffusers' mid_block_add_attention=False)."""
+    config = TINY_KL.replace(mid_attention=False)
+    dmodel = build_diffusers(config, seed=25)
+    assert not any(k.startswith(("encoder.mid_block.attentions", "decoder.mid_block.attentions")) for k in dmodel.state_dict())
+    x = random_images(2, 16, 24, seed=26)
+    with torch.no_grad():
+        moments = dmodel.encode(x).latent_dist.parameters
+        z = moments[:, : config.z_channels]
+        return Reference(config, dmodel, x, moments, z, dmodel.decode(z).sample)
+
+
+@pytest.mark.parametrize("writer", [write_original_safetensors, write_diffusers_folder, write_native], ids=lambda w: w.__name__)
+def test_model_without_middle_attention_loads_from_every_layout_and_matches_diffusers(writer, kl_no_mid, tmp_path):
+    assert "encoder.mid.attn_1.q.weight" not in kl_no_mid.original_state()
+    model = load_checkpoint(writer(tmp_path, kl_no_mid))
+    assert model.config.mid_attention is False and not hasattr(model.encoder.mid, "attn_1")
+    kl_no_mid.check(model)
+
+
+def test_model_without_middle_attention_converts_to_a_folder_diffusers_loads(kl_no_mid, tmp_path):
+    import diffusers
+
+    convert_checkpoint(write_original_safetensors(tmp_path, kl_no_mid), tmp_path / "out", to="diffusers")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["mid_block_add_attention"] is False
+    reloaded = diffusers.AutoencoderKL.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert (reloaded.decode(kl_no_mid.z).sample - kl_no_mid.decoded).abs().max().item() <= TOL
+
+
+def test_middle_attention_in_one_coder_only_or_against_the_config_is_refused(kl, kl_no_mid, tmp_path):
+    state = {k: v for k, v in kl.original_state().items() if not k.startswith("decoder.mid.attn_1.")}
+    with pytest.raises(FileError, match="only the encoder has a middle attention block"):
+        infer_config(state, source="x")
+    folder = write_diffusers_folder(tmp_path, kl_no_mid)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "mid_block_add_attention": True}))
+    with pytest.raises(FileError, match="mid_attention True vs False"):
+        load_checkpoint(folder)
+
+
+def test_ldm_yaml_attn_type_none_means_no_attention_anywhere(kl, tmp_path):
+    config = TINY_KL.replace(mid_attention=False, attn_resolutions=())
+    weights = tmp_path / "noattn.safetensors"
+    save_file(AutoEncoder(config).state_dict(), str(weights))
+    yaml = taming_yaml(TINY_KL, attn_type="none", double_z=True).replace("n_embed", "n_unused")
+    (tmp_path / "noattn.yaml").write_text(yaml)
+    loaded = load_checkpoint(weights)
+    assert loaded.config.mid_attention is False and loaded.config.attn_resolutions == ()
+    (tmp_path / "noattn.yaml").write_text(yaml.replace('"none"', '"linear"'))
+    with pytest.raises(FileError, match="attn_type 'linear' is not supported"):
+        load_checkpoint(weights)
+    (tmp_path / "noattn.yaml").write_text(yaml.replace('"none"', '"vanilla"'))
+    with pytest.raises(FileError, match="mid_attention True vs False"):
+        load_checkpoint(weights)
+
+
 def test_taming_yaml_is_found_and_supplies_resolution(vq, tmp_path):
     path = write_taming_logs_with_yaml(tmp_path, vq)
     ckpt = read_checkpoint(path)

@@ -39,6 +39,7 @@ KL_VARIANTS = {
     "no-resample-conv": TINY_KL.replace(resamp_with_conv=False),
     "no-quant-convs": TINY_KL.replace(use_quant_conv=False, use_post_quant_conv=False),
     "three-levels-two-blocks": TINY_KL.replace(ch_mult=(1, 1, 2), num_res_blocks=2, attn_resolutions=(32, 8)),
+    "no-middle-attention": TINY_KL.replace(mid_attention=False),
 }
 
 

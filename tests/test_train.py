@@ -61,6 +61,19 @@ def test_cli_trains_writes_a_loadable_model_and_resumes(photos, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".vqcli-tmp-")]
 
 
+def test_middle_attention_can_be_left_out(photos, tmp_path):
+    runner = CliRunner()
+    for flag, expected in (("--no-mid-attention", False), ("--mid-attention", True)):
+        out = tmp_path / f"m{expected}.safetensors"
+        r = runner.invoke(app, ["train", str(photos), "-o", str(out), "--steps", "2", *TINY, flag])
+        assert r.exit_code == 0, r.output
+        model = AutoEncoder.load(out)
+        assert model.config.mid_attention is expected
+        keys = model.state_dict().keys()
+        assert any(k.startswith("decoder.mid.attn_1.") for k in keys) is expected
+        assert any(k.startswith("encoder.mid.attn_1.") for k in keys) is expected
+
+
 def test_same_seed_same_model(photos, tmp_path):
     runner = CliRunner()
     for name in ("a", "b"):

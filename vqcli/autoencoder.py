@@ -50,6 +50,7 @@ class AutoEncoderConfig:
     resolution: int = 256  # nominal resolution, only used to place attention
     dropout: float = 0.0
     resamp_with_conv: bool = True  # learned down/upsampling convs (else avg-pool / nearest only)
+    mid_attention: bool = True  # the attention block between the middle res blocks (mid.attn_1)
     scale_factor: float = 1.0  # diffusion latent = (z - shift_factor) * scale_factor
     shift_factor: float = 0.0
     name: str = ""  # free-form model name, recorded in latent files
@@ -120,6 +121,7 @@ class AutoEncoderConfig:
             in_channels=self.in_channels,
             resolution=self.resolution,
             z_channels=self.z_channels,
+            mid_attention=self.mid_attention,
         )
 
     def to_dict(self) -> dict:
@@ -166,7 +168,7 @@ def _type_problems(c: AutoEncoderConfig) -> list[str]:
         v = getattr(c, k)
         if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
             problems.append(f"{k} must be a finite number, not {v!r}")
-    for k in ("use_quant_conv", "use_post_quant_conv"):
+    for k in ("use_quant_conv", "use_post_quant_conv", "mid_attention"):
         if not isinstance(getattr(c, k), bool):
             problems.append(f"{k} must be true or false, not {getattr(c, k)!r}")
     if c.double_z is not None and not isinstance(c.double_z, bool):

@@ -288,6 +288,12 @@ def infer_config(state: Mapping[str, torch.Tensor], *, source: str | os.PathLike
             f"attention sits at encoder levels {enc_attn} but decoder levels {dec_attn}; "
             "this family places it at the same levels in both",
         )
+    mid_attn = [c for c in ("encoder", "decoder") if any(k.startswith(f"{c}.mid.attn_1.") for k in state)]
+    if len(mid_attn) == 1:
+        raise FileError(
+            source,
+            f"only the {mid_attn[0]} has a middle attention block (mid.attn_1); this family has it in both or neither",
+        )
     z_channels = int(need("decoder.conv_in.weight").shape[1])
     enc_out = int(need("encoder.conv_out.weight").shape[0])
     out_ch = int(need("decoder.conv_out.weight").shape[0])
@@ -334,6 +340,7 @@ def infer_config(state: Mapping[str, torch.Tensor], *, source: str | os.PathLike
             out_ch=out_ch,
             resolution=resolution,
             resamp_with_conv=len(levels) == 1 or "encoder.down.0.downsample.conv.weight" in state,
+            mid_attention=bool(mid_attn),
         )
     except ConfigError as e:
         raise FileError(source, f"the weights' shapes describe no valid autoencoder: {e}") from None
@@ -392,8 +399,6 @@ def _check_diffusers_config(
         unsupported.append(f"norm_num_groups {_repr(cfg['norm_num_groups'])}")
     if cfg.get("act_fn", "silu") != "silu":
         unsupported.append(f"act_fn {_repr(cfg['act_fn'])}")
-    if cfg.get("mid_block_add_attention", True) is not True:
-        unsupported.append("no middle attention")
     if cfg.get("norm_type", "group") != "group":
         unsupported.append(f"norm_type {_repr(cfg['norm_type'])}")
     down, up = cfg.get("down_block_types"), cfg.get("up_block_types")
@@ -416,6 +421,7 @@ def _check_diffusers_config(
         ("use_quant_conv", "use_quant_conv"),
         ("use_post_quant_conv", "use_post_quant_conv"),
         ("n_embed", "num_vq_embeddings"),
+        ("mid_attention", "mid_block_add_attention"),
     ):
         if cfg.get(key) is not None:
             expected[field_] = cfg[key]
@@ -514,6 +520,12 @@ def check_yaml_config(
         expected["kind"] = "vq" if "n_embed" in params else "kl"
         if "n_embed" in params:
             expected["n_embed"] = int(params["n_embed"])
+        attn_type = dd.get("attn_type", "vanilla")
+        if attn_type not in ("vanilla", "vanilla-xformers", "none"):
+            raise FileError(path, f"attn_type {_repr(attn_type)} is not supported (vanilla or none)")
+        if attn_type == "none":  # ldm: every attention block, the middle one included, is left out
+            yaml_levels = ()
+        expected["mid_attention"] = attn_type != "none"
         expected["attention levels"] = yaml_levels
         dropout = float(dd.get("dropout", 0.0))
         scale = None if scale is None else float(scale)
@@ -523,7 +535,7 @@ def check_yaml_config(
         raise FileError(path, f"unreadable ddconfig ({_first_line(e)[:200]})") from None
     _raise_mismatches(path, "the YAML config", expected, {**_fields(inferred), "attention levels": attention_levels(inferred)})
     try:
-        config = inferred.replace(resolution=resolution, attn_resolutions=attn, dropout=dropout)
+        config = inferred.replace(resolution=resolution, attn_resolutions=attn if attn_type != "none" else (), dropout=dropout)
     except ConfigError as e:
         raise FileError(path, f"unusable ddconfig ({e})") from None
     if scale is not None:
@@ -835,7 +847,7 @@ def diffusers_config(config: AutoEncoderConfig) -> dict[str, Any]:
         "norm_num_groups": 32,
         "sample_size": config.resolution,
         "scaling_factor": config.scale_factor,
-        "mid_block_add_attention": True,
+        "mid_block_add_attention": config.mid_attention,
         "force_upcast": True,
     }
     if config.kind == "kl":

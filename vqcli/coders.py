@@ -42,8 +42,9 @@ class Encoder(nn.Module):
 
     ``f = 2 ** (len(ch_mult) - 1)``. ``resolution`` is the nominal input size: attention is placed at
     every level whose nominal resolution (``resolution`` halved per level) is in ``attn_resolutions``;
-    the network itself accepts any size divisible by ``f``. ``out_ch`` is accepted for symmetry with
-    the decoder and unused.
+    the network itself accepts any size divisible by ``f``. ``mid_attention=False`` leaves out the
+    middle attention block (diffusers' ``mid_block_add_attention``, ldm's ``attn_type="none"`` for
+    the middle). ``out_ch`` is accepted for symmetry with the decoder and unused.
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class Encoder(nn.Module):
         resolution: int,
         z_channels: int,
         double_z: bool = True,
+        mid_attention: bool = True,
         **ignore_kwargs,
     ):
         super().__init__()
@@ -96,7 +98,8 @@ class Encoder(nn.Module):
 
         self.mid = nn.Module()
         self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
+        if mid_attention:
+            self.mid.attn_1 = AttnBlock(block_in)
         self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout)
 
         self.norm_out = Normalize(block_in)
@@ -123,7 +126,8 @@ class Encoder(nn.Module):
     def run_low_res(self, h: torch.Tensor, keep=_NO_FEATURES) -> torch.Tensor:
         """The middle (with its global attention) and the output layers, at the latent resolution."""
         h = keep("mid_block_1", self.mid.block_1(h))
-        h = keep("mid_attn_1", self.mid.attn_1(h))
+        if hasattr(self.mid, "attn_1"):
+            h = keep("mid_attn_1", self.mid.attn_1(h))
         h = keep("mid_block_2", self.mid.block_2(h))
         if keep is _NO_FEATURES:
             h = norm_swish(self.norm_out, h)
@@ -145,8 +149,8 @@ class Decoder(nn.Module):
     """Latent ``(B, z_channels, h, w)`` to image ``(B, out_ch, h*f, w*f)``.
 
     Runs ``num_res_blocks + 1`` residual blocks per level, lowest resolution first. With
-    ``give_pre_end`` it returns the features before ``norm_out``. ``in_channels`` is accepted and
-    unused, as in the original.
+    ``give_pre_end`` it returns the features before ``norm_out``. ``mid_attention`` as in the
+    encoder. ``in_channels`` is accepted and unused, as in the original.
     """
 
     def __init__(
@@ -163,6 +167,7 @@ class Decoder(nn.Module):
         resolution: int,
         z_channels: int,
         give_pre_end: bool = False,
+        mid_attention: bool = True,
         **ignorekwargs,
     ):
         super().__init__()
@@ -183,7 +188,8 @@ class Decoder(nn.Module):
 
         self.mid = nn.Module()
         self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
+        if mid_attention:
+            self.mid.attn_1 = AttnBlock(block_in)
         self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout)
 
         ups: list[nn.Module] = []
@@ -217,7 +223,8 @@ class Decoder(nn.Module):
         """conv_in and the middle (with its global attention), at the latent resolution."""
         h = keep("conv_in", self.conv_in(z))
         h = keep("mid_block_1", self.mid.block_1(h))
-        h = keep("mid_attn_1", self.mid.attn_1(h))
+        if hasattr(self.mid, "attn_1"):
+            h = keep("mid_attn_1", self.mid.attn_1(h))
         return keep("mid_block_2", self.mid.block_2(h))
 
     def run_high_res(self, h: torch.Tensor, keep=_NO_FEATURES) -> torch.Tensor:

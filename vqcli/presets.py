@@ -90,6 +90,7 @@ def architecture_key(config: AutoEncoderConfig) -> tuple:
         config.in_channels,
         config.out_ch,
         config.resamp_with_conv,
+        config.mid_attention,
     )
 
 

@@ -98,4 +98,7 @@ def _table(d: dict) -> Table:
 def _short_config(config: dict) -> str:
     keys = ("kind", "ch", "ch_mult", "num_res_blocks", "z_channels", "embed_dim", "n_embed", "attn_resolutions",
             "scale_factor", "shift_factor")
-    return ", ".join(f"{k}={config[k]}" for k in keys if k in config and not (k == "n_embed" and config["kind"] == "kl"))
+    parts = [f"{k}={config[k]}" for k in keys if k in config and not (k == "n_embed" and config["kind"] == "kl")]
+    if config.get("mid_attention") is False:
+        parts.append("mid_attention=False")
+    return ", ".join(parts)

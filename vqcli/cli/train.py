@@ -50,6 +50,9 @@ def train(
     num_res_blocks: Optional[int] = typer.Option(None, "--num-res-blocks", min=1),
     z_channels: Optional[int] = typer.Option(None, "--z-channels", min=1),
     codebook_size: Optional[int] = typer.Option(None, "--codebook-size", min=2, help="VQ codebook entries."),
+    mid_attention: Optional[bool] = typer.Option(
+        None, "--mid-attention/--no-mid-attention", help="The middle attention block [default: the preset's]."
+    ),
     steps: int = typer.Option(4000, min=1, help="Optimizer steps."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Crops per step [default: 16]."),
     crop: Optional[int] = typer.Option(None, min=8, help="Crop side in pixels [default: 64]."),
@@ -95,6 +98,7 @@ def train(
             num_res_blocks=num_res_blocks,
             z_channels=z_channels,
             n_embed=codebook_size,
+            mid_attention=mid_attention,
         ).items()
         if v is not None
     }
