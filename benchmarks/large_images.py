@@ -105,7 +105,7 @@ def _available() -> int:
 
 
 def _untiled_bytes(config, size: int, op: str) -> int:
-    """Rough untiled peak: seven maps of the largest level (as vqcli.tiling.LIVE_TENSORS), plus the output."""
+    """Rough untiled peak (to skip untiled runs that cannot fit): seven maps of the largest level, plus the output."""
     widest = max(config.ch * m / 4**i for i, m in enumerate(config.ch_mult))
     return int(7 * widest * size * size * 4 + 3 * size * size * 4 * 2)
 

@@ -168,11 +168,56 @@ def test_plans_keep_within_the_budget_and_work_falls_as_it_grows(config, coder, 
                 work += tiling._banded_flops(steps, sh, spill)
             else:
                 assert end == start + 1
-                assert units[start].barrier or tiling.LIVE_TENSORS * 4 * max(np.prod(shapes[start]), np.prod(shapes[end])) <= budget
+                size_in, size_out = (4 * int(np.prod(shapes[k])) for k in (start, end))
+                assert units[start].barrier or tiling._whole_bytes(units[start], size_in, size_out) <= budget
                 work += sum(tiling._step_flops(st, sh[j], sh[j + 1]) for j, st in enumerate(steps))
         works.append(work)
     assert all(a >= b for a, b in zip(works, works[1:])), works
     assert all(not banded for _, _, banded in plan)  # 256 GB: everything untiled
+
+
+_UNIT_MEMORY = textwrap.dedent(
+    """
+    import json, torch
+    from vqcli import AutoEncoder, AutoEncoderConfig
+    from vqcli import tiling
+
+    def rss(field):  # kB -> bytes
+        line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
+        return int(line.split()[1]) * 1024
+
+    torch.set_grad_enabled(False)
+    model = AutoEncoder(AutoEncoderConfig(ch=64, ch_mult=(1, 2), num_res_blocks=1, z_channels=4)).eval()
+    found = []
+    for units, shape in ((tiling._encoder_units(model.encoder), (3, 512, 512)),
+                         (tiling._decoder_units(model.decoder), (128, 256, 256))):
+        x = torch.randn(2, *shape)
+        for unit in units:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # the peak RSS starts again from the present one
+            base = rss("VmRSS")
+            y = unit.whole(x)
+            size_in, size_out = x.numel() * 4, y.numel() * 4
+            found.append([type(unit.steps[0]).__name__, size_in, size_out, rss("VmHWM") - base + size_in,
+                          tiling._whole_bytes(unit, size_in, size_out)])
+            x = y
+    print(json.dumps(found))
+    """
+)
+
+
+def test_untiled_units_hold_no_more_than_the_planner_prices():
+    """Every kind of unit (conv_in, residual blocks keeping, doubling and halving their channels,
+    down- and upsampling, the output layers), run untiled in a fresh process: the peak RSS over what
+    was there before, plus its input, stays within the planner's price (2% for the kernels' own
+    scratch space, which the planner's headroom covers); and the price is no more than
+    twice that (the planner must not band work that fits: the SD decoder at 512 px, batch 4)."""
+    out = subprocess.run([sys.executable, "-c", _UNIT_MEMORY], capture_output=True, text=True, check=True).stdout
+    units = json.loads(out)
+    assert {u[0] for u in units} >= {"_Conv", "_Push", "_Down", "_Up", "_Norm"}
+    for kind, size_in, size_out, held, price in units:
+        assert held <= 1.02 * price, (kind, size_in, size_out, held / 2**20, price / 2**20)  # (kernels' scratch)
+        assert price <= 2 * held, (kind, size_in, size_out, held / 2**20, price / 2**20)
 
 
 def test_stages_through_files_cut_the_work_of_long_banded_segments():

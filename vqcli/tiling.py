@@ -59,10 +59,14 @@ from .coders import _NO_FEATURES, Decoder, Encoder
 
 log = logging.getLogger(__name__)
 
-# Maps of a residual block's size alive at once when it runs untiled (measured on the CPU: the
-# input, the first convolution's output, the normalised map, and the convolution's input and output
-# in its kernel's own blocked layout).
-LIVE_TENSORS = 7
+# What a unit holds when it runs untiled, in maps of its input's size (``IN``), its output's
+# (``OUT``) and the larger of the two (``MAX``). Measured on the CPU in float32, as the peak RSS
+# beyond the input (SD decoder and encoder, 512 px, batch 4), in maps of the larger side: a
+# residual block 4.0 with as many channels out as in or twice as many, 2.5 when it halves them; the
+# upsampling (four phase convolutions, never the nearest-upsampled copy) 2.3; the downsampling 2.3;
+# conv_in 2.0. The prices below, the input included, are at or above those.
+BLOCK_WHOLE = (1.0, 2.0, 2.0)  # (IN, OUT, MAX): the input, its normalised copy, the outputs
+OTHER_WHOLE = (1.0, 0.0, 2.5)
 # The share of the budget planned for: the allocator's fragmentation and the kernels' scratch space
 # take the rest (measured: a 4096 px decode peaks within the budget plus the runtime's own memory).
 HEADROOM = 0.85
@@ -687,6 +691,13 @@ def _banded_flops(steps: Sequence, shapes, spill: bool = False) -> float:
     return min(work, _staged_flops(steps, shapes)) if spill and len(_stages(steps)[0]) > 2 else work
 
 
+def _whole_bytes(unit: _Unit, size_in: int, size_out: int) -> int:
+    """The memory ``unit`` holds running untiled on an input of ``size_in`` bytes (its input
+    included) that gives ``size_out`` bytes."""
+    a, b, c = BLOCK_WHOLE if unit.steps and isinstance(unit.steps[0], _Push) else OTHER_WHOLE
+    return int(a * size_in + b * size_out + c * max(size_in, size_out))
+
+
 def _plan(units: list[_Unit], shapes, batch: int, budget: int, spill: bool = False) -> list[tuple[int, int, bool]]:
     """Segments ``(start, end, banded)`` covering ``units``: the least memory beyond ``budget``
     first, then the least work (dynamic programming over the boundaries kept whole). ``spill``:
@@ -715,7 +726,7 @@ def _plan(units: list[_Unit], shapes, batch: int, budget: int, spill: bool = Fal
             options = []
             if len(segment) == 1:
                 unit = segment[0]
-                whole = 0 if unit.barrier else LIVE_TENSORS * max(nbytes(start), nbytes(end))
+                whole = 0 if unit.barrier else _whole_bytes(unit, nbytes(start), nbytes(end))
                 sh = unit_shapes[start]
                 work = sum(_step_flops(st, sh[j], sh[j + 1]) for j, st in enumerate(unit.steps))
                 options.append((max(0, whole - budget), work, False))
