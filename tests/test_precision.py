@@ -149,3 +149,34 @@ def test_decode_auto_chooses_per_embedded_model(tmp_path, monkeypatch):
         if dtype == "auto":
             assert "default: --dtype auto: float32" in result.stderr
     assert np.array_equal(images["auto"], images["float32"])
+
+
+_HEAP_KEPT = """
+import torch
+from vqcli.accel import _LIBC, fast_allocator
+
+def rss():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
+
+print(_LIBC is not None)
+base = rss()
+with fast_allocator():
+    t = torch.empty(3 * 2**29, dtype=torch.uint8).fill_(1)  # 1.5 GB, larger than a batch-4 map
+    del t
+    inside = rss()
+print(inside - base, rss() - base)
+"""
+
+
+def test_fast_allocator_keeps_freed_maps_and_returns_them_after():
+    """Inside fast_allocator a freed map stays in the heap, however large (the next layer reuses
+    its pages instead of faulting them in again); leaving it gives the memory back."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _HEAP_KEPT], capture_output=True, text=True, check=True).stdout.split()
+    if out[0] != "True":
+        pytest.skip("not glibc: the allocator settings do not apply")
+    kept, after = int(out[1]), int(out[2])
+    assert kept >= 2**30, kept / 2**20
+    assert after < 2**28, after / 2**20
