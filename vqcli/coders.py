@@ -124,7 +124,7 @@ class Encoder(nn.Module):
         return h
 
     def run_low_res(self, h: torch.Tensor, keep=_NO_FEATURES) -> torch.Tensor:
-        """The middle (with its global attention) and the output layers, at the latent resolution."""
+        """The middle (with its global attention, if any) and the output layers, at the latent resolution."""
         h = keep("mid_block_1", self.mid.block_1(h))
         if hasattr(self.mid, "attn_1"):
             h = keep("mid_attn_1", self.mid.attn_1(h))
@@ -220,7 +220,7 @@ class Decoder(nn.Module):
         return self.run_high_res(self.run_low_res(z, keep), keep)
 
     def run_low_res(self, z: torch.Tensor, keep=_NO_FEATURES) -> torch.Tensor:
-        """conv_in and the middle (with its global attention), at the latent resolution."""
+        """conv_in and the middle (with its global attention, if any), at the latent resolution."""
         h = keep("conv_in", self.conv_in(z))
         h = keep("mid_block_1", self.mid.block_1(h))
         if hasattr(self.mid, "attn_1"):
