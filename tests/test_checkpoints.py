@@ -399,7 +399,7 @@ def test_middle_attention_in_one_coder_only_or_against_the_config_is_refused(kl,
         load_checkpoint(folder)
 
 
-def test_ldm_yaml_attn_type_none_means_no_attention_anywhere(kl, tmp_path):
+def test_ldm_yaml_attn_type_none_means_no_attention_anywhere(tmp_path):
     config = TINY_KL.replace(mid_attention=False, attn_resolutions=())
     weights = tmp_path / "noattn.safetensors"
     save_file(AutoEncoder(config).state_dict(), str(weights))
