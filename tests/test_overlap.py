@@ -102,6 +102,28 @@ def test_write_behind_finishes_submitted_writes_when_closed_early():
     assert done == [0, 1, 2, 3]
 
 
+def test_a_failed_write_stops_the_writes_queued_behind_it():
+    """A write that raises (a full disk) stops the run; the writes queued behind it must not run:
+    their results would never be reported, so a file they wrote would be one the summary misses."""
+    ran = []
+    go = threading.Event()
+    writer = WriteBehind(depth=4)
+
+    def fail():
+        go.wait(10)
+        ran.append("fail")
+        raise OSError("no space")
+
+    list(writer.submit(fail))
+    for name in ("b", "c"):
+        list(writer.submit(lambda name=name: ran.append(name)))  # queued behind the failing one
+    go.set()
+    with pytest.raises(OSError, match="no space"):
+        list(writer.drain())
+    writer.close()
+    assert ran == ["fail"]
+
+
 def test_cli_results_do_not_depend_on_io_threads(tmp_path):
     """Latents and images are bit-identical with 0, 1 and 3 I/O threads; a broken file fails the
     same way; the summaries agree."""

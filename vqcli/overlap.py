@@ -51,6 +51,11 @@ class WriteBehind:
     member stays in order). Closing (``with`` exit, or the owning generator closed by an error or
     Ctrl-C) waits for the writes already submitted: each file is then complete, under its final
     name, or absent.
+
+    A job that raises stops the writer: the jobs queued behind it are not run (they raise
+    ``cf.CancelledError``). The exception stops the run when it reaches the caller, so their results
+    would never be reported; run anyway, they would leave files the summary does not count (or, on
+    a full disk, fail the same way).
     """
 
     def __init__(self, depth: int = WRITE_DEPTH, *, enabled: bool = True):
@@ -58,6 +63,7 @@ class WriteBehind:
         self.pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vqcli-write") if enabled else None
         self.pending: collections.deque[cf.Future] = collections.deque()
         self.ready: collections.deque[R] = collections.deque()  # results done, not given yet
+        self.broken = False  # a job raised: the ones behind it are not run (set and read on the writer thread)
 
     def submit(self, job: Callable[[], R]) -> Iterator[R]:
         """Queue ``job`` (waiting while ``depth`` are queued) and give the results that are ready,
@@ -66,10 +72,19 @@ class WriteBehind:
         if self.pool is None:
             self.ready.append(job())
         else:
-            self.pending.append(self.pool.submit(job))
+            self.pending.append(self.pool.submit(self._run, job))
             while self.pending and (len(self.pending) > self.depth or self.pending[0].done()):
                 self.ready.append(self.pending.popleft().result())
         return self._give()
+
+    def _run(self, job: Callable[[], R]) -> R:
+        if self.broken:
+            raise cf.CancelledError("an earlier write failed")
+        try:
+            return job()
+        except BaseException:
+            self.broken = True
+            raise
 
     def drain(self) -> Iterator[R]:
         """Wait for every queued job; give all the results not given yet, in order."""

@@ -112,7 +112,7 @@ def test_simulated_full_disk_stops_encode_cleanly(tmp_path, models, monkeypatch)
     disk = FullDisk(monkeypatch, free=int(2.5 * size))
     r = cli("encode", src, "-o", out, "--model", models["kl"], "--json")
     _expect_stopped(r, out, ".safetensors", 6)
-    assert 1 <= len(disk.failed) <= 2  # the write that failed, and at most one queued behind it
+    assert len(disk.failed) == 1  # the writes queued behind the failed one are not attempted
     for f in finals(out, "*"):
         read_latent(f)
     before = snapshot(out)
