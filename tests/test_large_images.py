@@ -36,16 +36,6 @@ VQ_F32 = AutoEncoderConfig(kind="vq", n_embed=256, **F32)
 GB = 2**30
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: on a busy two-core machine a second one mostly spins in OpenMP's barriers (the
-    bands are many small convolutions), burning many times the CPU of the work itself."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_2048_tiled_equals_untiled():
     model = _randomised(KL_F32)
     gen = torch.Generator().manual_seed(1)
@@ -102,7 +92,7 @@ _CHILD = textwrap.dedent(
 def _measure(op: str, config: AutoEncoderConfig, budget: int, size: int = 4096) -> dict:
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD, op, json.dumps(config.to_dict()), str(budget), str(size)],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout)
