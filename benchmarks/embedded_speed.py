@@ -3,7 +3,9 @@
     python benchmarks/embedded_speed.py [--repeat 3] [--size 512]
 
 Runs the same code path as the CLI (vqcli.pipeline.encode_array / decode_array: inference mode,
-the allocator setting, autocast for bfloat16, the memory bound) in float32 and bfloat16.
+the allocator setting, autocast for bfloat16, the memory bound) in float32 and bfloat16. The
+machine's 3x3 convolution peak is timed in the same run (as in bench.py), with the GFLOP/s each
+model achieves (FLOPs counted by torch.utils.flop_counter): a slow machine state shows there.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import machine_peak  # noqa: E402
 from vqcli.devices import cpu_has_native_bf16  # noqa: E402
 from vqcli.images import load_image  # noqa: E402
 from vqcli.models import resolve_model  # noqa: E402
@@ -31,18 +35,26 @@ def main() -> None:
     args = parser.parse_args()
     rgb = load_image(ROOT / "sample_images" / "astronaut.png")[: args.size, : args.size]
     dtypes = [torch.float32] + ([torch.bfloat16] if cpu_has_native_bf16() else [])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, image {rgb.shape[1]}x{rgb.shape[0]}")
-    print("| model | dtype | encode + decode, s (best of %d) |" % args.repeat)
-    print("|---|---|---|")
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads, image {rgb.shape[1]}x{rgb.shape[0]}")
+    peak = machine_peak(threads)
+    print("3x3 convolution peak: " + ", ".join(f"{d} {peak[f'conv3x3_{d}']:.0f} GFLOP/s" for d in ("float32", "bfloat16")))
+    print("| model | dtype | encode + decode, s (best of %d) | GFLOP | GFLOP/s | of the conv peak |" % args.repeat)
+    print("|---|---|---|---|---|---|")
     for name in ("default", "default-vq"):
         for dtype in dtypes:
             model = resolve_model(name, device=torch.device("cpu"), dtype=dtype)
+            with FlopCounterMode(display=False) as counter:
+                decode_array(model, encode_array(model, rgb, dtype=dtype), rgb.shape[0], rgb.shape[1], dtype=dtype)
+            gflop = counter.get_total_flops() / 1e9
             best = float("inf")
             for _ in range(args.repeat + 1):  # the first run warms up
                 start = time.perf_counter()
                 decode_array(model, encode_array(model, rgb, dtype=dtype), rgb.shape[0], rgb.shape[1], dtype=dtype)
                 best = min(best, time.perf_counter() - start)
-            print(f"| {name} | {str(dtype).removeprefix('torch.')} | {best:.2f} |", flush=True)
+            d = str(dtype).removeprefix("torch.")
+            rate = gflop / best
+            print(f"| {name} | {d} | {best:.2f} | {gflop:.0f} | {rate:.0f} | {rate / peak[f'conv3x3_{d}']:.0%} |", flush=True)
 
 
 if __name__ == "__main__":
