@@ -1,11 +1,13 @@
 """vqcli against diffusers' AutoencoderKL on identical weights, in one process and one run.
 
     python benchmarks/bench.py                      # the full table recorded in the README
-    python benchmarks/bench.py --sizes 256 --batches 1 --quick
+    python benchmarks/bench.py --sizes 256 --batches 1 --repeat 1
 
 Prints, for encode and decode at each size, batch and dtype: seconds per batch, images/s,
 achieved GFLOP/s (FLOPs counted once per shape with torch.utils.flop_counter), peak RSS during the
-measurement, the ratio to diffusers float32 and the output difference to diffusers. The machine's
+measurement, the ratio to diffusers float32 and the output difference to diffusers. The
+implementations of one job take turns (diffusers, vqcli float32, vqcli bfloat16, then again for
+each --repeat), so that a machine whose speed drifts during the run skews no ratio. The machine's
 peak is measured in the same run (a large matmul and a 3x3 convolution). With --e2e it also times
 `vqcli encode` + `vqcli decode` over a folder of photographs against the plain diffusers loop a
 user would write (load image, encode, save safetensors; load, decode, save PNG).
@@ -17,6 +19,7 @@ mapped into vqcli's with vqcli.layouts.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -72,6 +75,25 @@ def count_flops(fn) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
+
+
+def timed_in_turn(impls: list[tuple[str, object]], repeat: int) -> dict[str, tuple[float, int, object]]:
+    """``timed`` for several implementations of one job, taking turns: each is warmed up once, then
+    the rounds run each of them once, in order, ``repeat`` times. A machine that slows down or
+    speeds up during the run (a shared host does) then affects all of them alike, where timing one
+    after the other put the whole drift into their ratio. Per name: best seconds, the peak RSS
+    during its own timed calls, its warm-up output."""
+    outputs = {name: fn() for name, fn in impls}
+    best = {name: float("inf") for name, _ in impls}
+    peak = {name: 0 for name, _ in impls}
+    for _ in range(repeat):
+        for name, fn in impls:
+            with PeakRSS() as rss:
+                start = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - start)
+            peak[name] = max(peak[name], rss.peak)
+    return {name: (best[name], peak[name], outputs[name]) for name, _ in impls}
 
 
 def timed(fn, repeat: int) -> tuple[float, int, object]:
@@ -130,6 +152,10 @@ def build_models(args) -> tuple[torch.nn.Module, AutoEncoder]:
 def bench_models(args, reference, ours) -> list[dict]:
     rows = []
     f = ours.config.downsampling
+    # one copy of the model per precision, each in its memory format: they take turns in the timing
+    # (the peak RSS is the process's: diffusers' model and these copies are all in it)
+    prepared = {d: prepare_model(ours if i == 0 else copy.deepcopy(ours), torch.device("cpu"), getattr(torch, d))
+                for i, d in enumerate(args.dtypes)}
     for size in args.sizes:
         for batch in args.batches:
             torch.manual_seed(size + batch)
@@ -145,29 +171,34 @@ def bench_models(args, reference, ours) -> list[dict]:
                         return reference.decode(inp).sample
 
                 flops = count_flops(diffusers_fn)
-                base_s, base_rss, base_out = timed(diffusers_fn, args.repeat)
-                rows.append(_row(op, size, batch, "diffusers float32", base_s, base_rss, flops, base_s, None))
-                print(_fmt(rows[-1]), flush=True)
+                impls = [("diffusers float32", diffusers_fn)]
                 for dtype_name, compiled in [(d, c) for d in args.dtypes for c in [False] + [True] * args.compile]:
                     dtype = getattr(torch, dtype_name)
-                    model = prepare_model(ours, torch.device("cpu"), dtype)
-                    fmt_in = inp.contiguous(memory_format=torch.channels_last) if dtype != torch.float32 else inp
-                    # --compile: as the CLI runs it (through the memory bound, unlimited here); the
-                    # warm-up call compiles and is not timed.
-                    context = dict(model=model, budget=2**62, compile=True) if compiled else {}
-
-                    def ours_fn():
-                        with compute_context(torch.device("cpu"), dtype, **context):
-                            out = model.encode(fmt_in) if op == "encode" else model.decode(fmt_in)
-                        return out.float()
-
-                    seconds, rss, out = timed(ours_fn, args.repeat)
-                    diff = (out - base_out).abs().max().item()
-                    rel = diff / max(base_out.abs().max().item(), 1e-12)
                     impl = f"vqcli {dtype_name}" + (" comp." if compiled else "")
+                    impls.append((impl, _ours_fn(prepared[dtype_name], op, inp, dtype, compiled)))
+                results = timed_in_turn(impls, args.repeat)
+                base_s, _, base_out = results["diffusers float32"]
+                for impl, (seconds, rss, out) in results.items():
+                    rel = None
+                    if impl != "diffusers float32":
+                        rel = (out - base_out).abs().max().item() / max(base_out.abs().max().item(), 1e-12)
                     rows.append(_row(op, size, batch, impl, seconds, rss, flops, base_s, rel))
                     print(_fmt(rows[-1]), flush=True)
     return rows
+
+
+def _ours_fn(model, op: str, inp: torch.Tensor, dtype: torch.dtype, compiled: bool):
+    """vqcli's encode or decode of ``inp`` in ``dtype``, as the CLI runs it (``model`` prepared for
+    ``dtype``, the compute context; --compile through the memory bound, unlimited here)."""
+    fmt_in = inp.contiguous(memory_format=torch.channels_last) if dtype != torch.float32 else inp
+    context = dict(model=model, budget=2**62, compile=True) if compiled else {}
+
+    def fn():
+        with compute_context(torch.device("cpu"), dtype, **context):
+            out = model.encode(fmt_in) if op == "encode" else model.decode(fmt_in)
+        return out.float()
+
+    return fn
 
 
 def _row(op, size, batch, impl, seconds, rss, flops, base_seconds, rel_diff) -> dict:
