@@ -74,7 +74,7 @@ class WriteBehind:
         else:
             self.pending.append(self.pool.submit(self._run, job))
             while self.pending and (len(self.pending) > self.depth or self.pending[0].done()):
-                self.ready.append(self.pending.popleft().result())
+                self._take_oldest()
         return self._give()
 
     def _run(self, job: Callable[[], R]) -> R:
@@ -89,8 +89,15 @@ class WriteBehind:
     def drain(self) -> Iterator[R]:
         """Wait for every queued job; give all the results not given yet, in order."""
         while self.pending:
-            self.ready.append(self.pending.popleft().result())
+            self._take_oldest()
         return self._give()
+
+    def _take_oldest(self) -> None:
+        """Wait for the oldest job, then move its result to ``ready``. The wait comes first, with the
+        job still in ``pending``: a Ctrl-C during it leaves the job there for ``drain``, where taking
+        it off first lost its result while its file was written (the summary then missed a file)."""
+        cf.wait([self.pending[0]])
+        self.ready.append(self.pending.popleft().result())
 
     def _give(self) -> Iterator[R]:
         while self.ready:
