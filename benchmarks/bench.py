@@ -189,7 +189,8 @@ def bench_models(args, reference, ours) -> list[dict]:
 
 def _ours_fn(model, op: str, inp: torch.Tensor, dtype: torch.dtype, compiled: bool):
     """vqcli's encode or decode of ``inp`` in ``dtype``, as the CLI runs it (``model`` prepared for
-    ``dtype``, the compute context; --compile through the memory bound, unlimited here)."""
+    ``dtype``, the compute context; --compile through the memory bound, unlimited here: the warm-up
+    call, not timed, compiles)."""
     fmt_in = inp.contiguous(memory_format=torch.channels_last) if dtype != torch.float32 else inp
     context = dict(model=model, budget=2**62, compile=True) if compiled else {}
 

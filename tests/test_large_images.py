@@ -15,7 +15,6 @@ depend on the downsampling factor.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
