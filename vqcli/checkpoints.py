@@ -508,7 +508,11 @@ def check_yaml_config(
     dd = params["ddconfig"]
     try:
         resolution = int(dd.get("resolution", inferred.resolution))
-        attn = tuple(int(r) for r in dd.get("attn_resolutions") or ())
+        attn_type = dd.get("attn_type", "vanilla")
+        if attn_type not in ("vanilla", "vanilla-xformers", "none"):
+            raise FileError(path, f"attn_type {_repr(attn_type)} is not supported (vanilla or none)")
+        # ldm's attn_type "none": every attention block, the middle one included, is left out
+        attn = () if attn_type == "none" else tuple(int(r) for r in dd.get("attn_resolutions") or ())
         yaml_levels = tuple(i for i in range(len(inferred.ch_mult)) if resolution // 2**i in attn)
         expected: dict[str, Any] = {
             k: (tuple(v) if k == "ch_mult" else v)
@@ -520,11 +524,6 @@ def check_yaml_config(
         expected["kind"] = "vq" if "n_embed" in params else "kl"
         if "n_embed" in params:
             expected["n_embed"] = int(params["n_embed"])
-        attn_type = dd.get("attn_type", "vanilla")
-        if attn_type not in ("vanilla", "vanilla-xformers", "none"):
-            raise FileError(path, f"attn_type {_repr(attn_type)} is not supported (vanilla or none)")
-        if attn_type == "none":  # ldm: every attention block, the middle one included, is left out
-            yaml_levels = ()
         expected["mid_attention"] = attn_type != "none"
         expected["attention levels"] = yaml_levels
         dropout = float(dd.get("dropout", 0.0))
@@ -535,7 +534,7 @@ def check_yaml_config(
         raise FileError(path, f"unreadable ddconfig ({_first_line(e)[:200]})") from None
     _raise_mismatches(path, "the YAML config", expected, {**_fields(inferred), "attention levels": attention_levels(inferred)})
     try:
-        config = inferred.replace(resolution=resolution, attn_resolutions=attn if attn_type != "none" else (), dropout=dropout)
+        config = inferred.replace(resolution=resolution, attn_resolutions=attn, dropout=dropout)
     except ConfigError as e:
         raise FileError(path, f"unusable ddconfig ({e})") from None
     if scale is not None:

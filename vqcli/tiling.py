@@ -611,6 +611,7 @@ class _Unit:
     steps: list
     whole: Callable[[torch.Tensor], torch.Tensor]
     barrier: bool = False  # attention: whole input, whole output
+    price: tuple[float, float, float] = OTHER_WHOLE  # what it holds running untiled (see BLOCK_WHOLE)
 
     def shape(self, shape: tuple[int, int, int]) -> tuple[int, int, int]:
         for step in self.steps:
@@ -620,7 +621,7 @@ class _Unit:
 
 def _block_unit(block: ResnetBlock) -> _Unit:
     steps = [_Push(), _Norm(block.norm1), _Conv(block.conv1), _Norm(block.norm2), _Conv(block.conv2), _Add(block)]
-    return _Unit(steps, lambda x: ResnetBlock.forward(block, x))
+    return _Unit(steps, lambda x: ResnetBlock.forward(block, x), price=BLOCK_WHOLE)
 
 
 def _upsample_unit(layer: Upsample) -> _Unit:
@@ -694,7 +695,7 @@ def _banded_flops(steps: Sequence, shapes, spill: bool = False) -> float:
 def _whole_bytes(unit: _Unit, size_in: int, size_out: int) -> int:
     """The memory ``unit`` holds running untiled on an input of ``size_in`` bytes (its input
     included) that gives ``size_out`` bytes."""
-    a, b, c = BLOCK_WHOLE if unit.steps and isinstance(unit.steps[0], _Push) else OTHER_WHOLE
+    a, b, c = unit.price
     return int(a * size_in + b * size_out + c * max(size_in, size_out))
 
 
