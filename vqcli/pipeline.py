@@ -58,7 +58,7 @@ import torch
 
 from . import latents as lat
 from . import shards, tario
-from .accel import compute_context, memory_format_for
+from .accel import compute_context, fast_allocator, memory_format_for, release_heap_above
 from .autoencoder import AutoEncoder
 from .errors import FileError, UsageError, VqcliError
 from .fileio import TMP_PREFIX, is_out_of_space, sweep_stale
@@ -69,6 +69,7 @@ from .manifest import Entry
 from .models import ModelRef, is_embedded, resolve_model, with_factors
 from .padding import from_model_output, pad_to_multiple, to_model_input
 from .shards import Share
+from .tiling import default_budget
 
 log = logging.getLogger(__name__)
 
@@ -727,6 +728,7 @@ def _run(
         x = x.contiguous(memory_format=memory_format_for(dtype))
     with compute_context(device, dtype, model=model, budget=budget, compile=compile):
         y = fn(model, x)
+    release_heap_above(budget or default_budget())  # (what a run keeps between images)
     return y.detach().to("cpu")
 
 
@@ -776,12 +778,14 @@ def encode_files(
 
     make = image_source(inputs, output_dir, selection, tar_output=options.tar_output)
     jobs = select_jobs(make, selection, block_size(batch_size))
-    for into_tar, group in itertools.groupby(jobs, key=lambda j: isinstance(j, TarJob) and j.to_tar):
-        if into_tar:
-            for tar in group:
-                yield from _encode_into_tar(tar, model, ref, seed, batch_size, dtype, options)
-        else:
-            yield from _encode_stream(expand_tars(group, encoded_name), model, ref, seed, batch_size, dtype, options)
+    with fast_allocator():  # held over the run: the heap stays paged in from one image to the next
+        for into_tar, group in itertools.groupby(jobs, key=lambda j: isinstance(j, TarJob) and j.to_tar):
+            if into_tar:
+                for tar in group:
+                    yield from _encode_into_tar(tar, model, ref, seed, batch_size, dtype, options)
+            else:
+                jobs = expand_tars(group, encoded_name)
+                yield from _encode_stream(jobs, model, ref, seed, batch_size, dtype, options)
 
 
 def _encode_stream(jobs, model, ref, seed, batch_size, dtype, options, put=None) -> Iterator[FileResult]:
@@ -1064,14 +1068,15 @@ def decode_files(
     )
     writer = WriteBehind(enabled=options.io_threads > 0)
     try:
-        for batch in batched(stream, options.batch_size):
-            if isinstance(batch, FileResult):
-                yield batch
-                continue
-            fn = _decode_fn(batch[0].info["kind"], batch[0].info["scaled"])
-            batch_dtype = models.dtype_for(batch[0].model) if models.dtype is None else dtype
-            for item, out, redone in compute(batch, fn, batch_dtype, options.max_memory, options.compile):
-                yield from writer.submit(lambda a=(item, out, redone): _finish_decode(*a, options))
+        with fast_allocator():  # held over the run (see encode_files)
+            for batch in batched(stream, options.batch_size):
+                if isinstance(batch, FileResult):
+                    yield batch
+                    continue
+                fn = _decode_fn(batch[0].info["kind"], batch[0].info["scaled"])
+                batch_dtype = models.dtype_for(batch[0].model) if models.dtype is None else dtype
+                for item, out, redone in compute(batch, fn, batch_dtype, options.max_memory, options.compile):
+                    yield from writer.submit(lambda a=(item, out, redone): _finish_decode(*a, options))
         yield from writer.drain()
     except KeyboardInterrupt:
         yield from writer.drain()  # files being written are finished: report them

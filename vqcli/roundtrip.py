@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .accel import fast_allocator
 from .autoencoder import AutoEncoder
 from .images import DEFAULT_MAX_PIXELS, save_image, to_uint8, written_by_vqcli
 from .metrics import error_map, psnr, ssim
@@ -55,9 +56,10 @@ def roundtrip_files(
     (``selection``: this process's share, or the inputs of a manifest; see ``vqcli.pipeline``)."""
     jobs = select_jobs(image_source(paths, output_dir, selection, name=roundtrip_name), selection, 1)
     jobs = expand_tars(jobs, roundtrip_name)
-    yield from each_job(
-        jobs, lambda job: _one(job, model, dtype, overwrite, max_pixels), overwrite=overwrite, ours=written_by_vqcli
-    )
+    with fast_allocator():  # held over the run (see pipeline.encode_files)
+        yield from each_job(
+            jobs, lambda job: _one(job, model, dtype, overwrite, max_pixels), overwrite=overwrite, ours=written_by_vqcli
+        )
 
 
 def _one(job: Job, model: AutoEncoder, dtype: torch.dtype, overwrite: bool, max_pixels: int | None) -> FileResult:
