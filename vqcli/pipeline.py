@@ -42,6 +42,7 @@ under two input folders) are refused, the second one failing with a message.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import logging
@@ -778,14 +779,12 @@ def encode_files(
 
     make = image_source(inputs, output_dir, selection, tar_output=options.tar_output)
     jobs = select_jobs(make, selection, block_size(batch_size))
-    with fast_allocator():  # held over the run: the heap stays paged in from one image to the next
-        for into_tar, group in itertools.groupby(jobs, key=lambda j: isinstance(j, TarJob) and j.to_tar):
-            if into_tar:
-                for tar in group:
-                    yield from _encode_into_tar(tar, model, ref, seed, batch_size, dtype, options)
-            else:
-                jobs = expand_tars(group, encoded_name)
-                yield from _encode_stream(jobs, model, ref, seed, batch_size, dtype, options)
+    for into_tar, group in itertools.groupby(jobs, key=lambda j: isinstance(j, TarJob) and j.to_tar):
+        if into_tar:
+            for tar in group:
+                yield from _encode_into_tar(tar, model, ref, seed, batch_size, dtype, options)
+        else:
+            yield from _encode_stream(expand_tars(group, encoded_name), model, ref, seed, batch_size, dtype, options)
 
 
 def _encode_stream(jobs, model, ref, seed, batch_size, dtype, options, put=None) -> Iterator[FileResult]:
@@ -798,20 +797,33 @@ def _encode_stream(jobs, model, ref, seed, batch_size, dtype, options, put=None)
         workers=options.io_threads,
         ahead=2 * batch_size + 1,
     )
+
+    def how(batch: list[Item]):
+        if not options.sample:
+            return _encode_fn(model.config.kind, sample=False, scaled=options.scaled, seed=None), dtype
+        image_seed = derive_seed(seed, batch[0].job.rel)
+        batch[0].info["seed"] = image_seed
+        return _encode_fn(model.config.kind, sample=True, scaled=options.scaled, seed=image_seed), dtype
+
+    finish = functools.partial(_finish_encode, ref=ref, options=options, put=put)
+    yield from _compute_and_write(stream, batch_size, how, finish, options)
+
+
+def _compute_and_write(stream, batch_size: int, how, finish, options) -> Iterator[FileResult]:
+    """The loop of encode and decode: ``stream``'s items in batches, computed as ``how(batch)``
+    says (the function and the dtype), each output handed to ``finish`` (which writes it and
+    gives its result) in the write-behind thread, in order. Results already made (skipped or
+    failed inputs) pass through. The heap stays paged in from one batch to the next."""
     writer = WriteBehind(enabled=options.io_threads > 0)
     try:
-        for batch in batched(stream, batch_size):
-            if isinstance(batch, FileResult):
-                yield batch
-                continue
-            if options.sample:
-                image_seed = derive_seed(seed, batch[0].job.rel)
-                batch[0].info["seed"] = image_seed
-                fn = _encode_fn(model.config.kind, sample=True, scaled=options.scaled, seed=image_seed)
-            else:
-                fn = _encode_fn(model.config.kind, sample=False, scaled=options.scaled, seed=None)
-            for item, out, redone in compute(batch, fn, dtype, options.max_memory, options.compile):
-                yield from writer.submit(lambda a=(item, out, redone): _finish_encode(*a, ref, options, put))
+        with fast_allocator():  # held over the run; each batch's compute_context alone trimmed it
+            for batch in batched(stream, batch_size):
+                if isinstance(batch, FileResult):
+                    yield batch
+                    continue
+                fn, dtype = how(batch)
+                for item, out, redone in compute(batch, fn, dtype, options.max_memory, options.compile):
+                    yield from writer.submit(lambda a=(item, out, redone): finish(*a))
         yield from writer.drain()
     except KeyboardInterrupt:
         yield from writer.drain()  # files being written are finished: report them
@@ -1066,23 +1078,13 @@ def decode_files(
         workers=options.io_threads,
         ahead=2 * options.batch_size + 1,
     )
-    writer = WriteBehind(enabled=options.io_threads > 0)
-    try:
-        with fast_allocator():  # held over the run (see encode_files)
-            for batch in batched(stream, options.batch_size):
-                if isinstance(batch, FileResult):
-                    yield batch
-                    continue
-                fn = _decode_fn(batch[0].info["kind"], batch[0].info["scaled"])
-                batch_dtype = models.dtype_for(batch[0].model) if models.dtype is None else dtype
-                for item, out, redone in compute(batch, fn, batch_dtype, options.max_memory, options.compile):
-                    yield from writer.submit(lambda a=(item, out, redone): _finish_decode(*a, options))
-        yield from writer.drain()
-    except KeyboardInterrupt:
-        yield from writer.drain()  # files being written are finished: report them
-        raise
-    finally:
-        writer.close()
+
+    def how(batch: list[Item]):
+        fn = _decode_fn(batch[0].info["kind"], batch[0].info["scaled"])
+        return fn, models.dtype_for(batch[0].model) if models.dtype is None else dtype
+
+    finish = functools.partial(_finish_decode, options=options)
+    yield from _compute_and_write(stream, options.batch_size, how, finish, options)
 
 
 def prepare_latent(job: Job, models: ModelChooser) -> Item:

@@ -56,7 +56,7 @@ def roundtrip_files(
     (``selection``: this process's share, or the inputs of a manifest; see ``vqcli.pipeline``)."""
     jobs = select_jobs(image_source(paths, output_dir, selection, name=roundtrip_name), selection, 1)
     jobs = expand_tars(jobs, roundtrip_name)
-    with fast_allocator():  # held over the run (see pipeline.encode_files)
+    with fast_allocator():  # held over the run (see pipeline._compute_and_write)
         yield from each_job(
             jobs, lambda job: _one(job, model, dtype, overwrite, max_pixels), overwrite=overwrite, ours=written_by_vqcli
         )
