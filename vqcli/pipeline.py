@@ -813,7 +813,9 @@ def _compute_and_write(stream, batch_size: int, how, finish, options) -> Iterato
     """The loop of encode and decode: ``stream``'s items in batches, computed as ``how(batch)``
     says (the function and the dtype), each output handed to ``finish`` (which writes it and
     gives its result) in the write-behind thread, in order. Results already made (skipped or
-    failed inputs) pass through. The heap stays paged in from one batch to the next."""
+    failed inputs) pass through. The heap stays paged in from one batch to the next; the memory
+    budget (``options.max_memory``, by default from the memory free now) is fixed for the run."""
+    budget = options.max_memory or default_budget()
     writer = WriteBehind(enabled=options.io_threads > 0)
     try:
         with fast_allocator():  # held over the run; each batch's compute_context alone trimmed it
@@ -822,7 +824,7 @@ def _compute_and_write(stream, batch_size: int, how, finish, options) -> Iterato
                     yield batch
                     continue
                 fn, dtype = how(batch)
-                for item, out, redone in compute(batch, fn, dtype, options.max_memory, options.compile):
+                for item, out, redone in compute(batch, fn, dtype, budget, options.compile):
                     yield from writer.submit(lambda a=(item, out, redone): finish(*a))
         yield from writer.drain()
     except KeyboardInterrupt:
@@ -1123,20 +1125,30 @@ def _finish_decode(item: Item, out, redone: bool, options: DecodeOptions) -> Fil
 # --- in-memory helpers (for the library user and other commands) ---------------------------------
 
 
-def encode_array(model: AutoEncoder, rgb: np.ndarray, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """One (H, W, 3) [0, 1] image to its latent (KL mean ``(C, h, w)`` or VQ indices ``(h, w)``)."""
+def encode_array(
+    model: AutoEncoder, rgb: np.ndarray, *, dtype: torch.dtype = torch.float32, budget: int | None = None
+) -> torch.Tensor:
+    """One (H, W, 3) [0, 1] image to its latent (KL mean ``(C, h, w)`` or VQ indices ``(h, w)``);
+    ``budget`` as ``--max-memory`` (None: from the memory free now)."""
     height, width = rgb.shape[:2]
     x = pad_to_multiple(to_model_input(rgb), lat.pad_factor(height, width, model.config.downsampling))
     device = next(model.parameters()).device
-    return _run(model, _encode_fn(model.config.kind, sample=False, scaled=False, seed=None), x, device, dtype)[0]
+    fn = _encode_fn(model.config.kind, sample=False, scaled=False, seed=None)
+    return _run(model, fn, x, device, dtype, budget)[0]
 
 
 def decode_array(
-    model: AutoEncoder, latent: torch.Tensor, height: int, width: int, *, dtype: torch.dtype = torch.float32
+    model: AutoEncoder,
+    latent: torch.Tensor,
+    height: int,
+    width: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    budget: int | None = None,
 ) -> np.ndarray:
     """Inverse of ``encode_array``: the latent back to an (height, width, 3) [0, 1] image."""
     kind = model.config.kind
     data = (latent.long() if kind == "vq" else latent.float()).unsqueeze(0)
     device = next(model.parameters()).device
-    y = _run(model, _decode_fn(kind, False), data, device, dtype)
+    y = _run(model, _decode_fn(kind, False), data, device, dtype, budget)
     return from_model_output(y[0], height, width)

@@ -20,6 +20,7 @@ from .images import DEFAULT_MAX_PIXELS, save_image, to_uint8, written_by_vqcli
 from .metrics import error_map, psnr, ssim
 from .pipeline import DONE, FileResult, Job, Selection, decode_array, each_job, encode_array, expand_tars, image_source
 from .pipeline import load_job_image, select_jobs
+from .tiling import default_budget
 
 SUFFIX = ".roundtrip.png"
 ERROR_GAIN = 4.0
@@ -30,10 +31,12 @@ def roundtrip_name(image_name: str) -> str:
     return image_name + SUFFIX
 
 
-def roundtrip_image(model: AutoEncoder, rgb: np.ndarray, *, dtype: torch.dtype = torch.float32) -> np.ndarray:
-    """The reconstruction of one (H, W, 3) [0, 1] image, as uint8."""
-    latent = encode_array(model, rgb, dtype=dtype)
-    return to_uint8(decode_array(model, latent, rgb.shape[0], rgb.shape[1], dtype=dtype))
+def roundtrip_image(
+    model: AutoEncoder, rgb: np.ndarray, *, dtype: torch.dtype = torch.float32, budget: int | None = None
+) -> np.ndarray:
+    """The reconstruction of one (H, W, 3) [0, 1] image, as uint8 (``budget``: as ``encode_array``'s)."""
+    latent = encode_array(model, rgb, dtype=dtype, budget=budget)
+    return to_uint8(decode_array(model, latent, rgb.shape[0], rgb.shape[1], dtype=dtype, budget=budget))
 
 
 def side_by_side(original: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
@@ -56,16 +59,22 @@ def roundtrip_files(
     (``selection``: this process's share, or the inputs of a manifest; see ``vqcli.pipeline``)."""
     jobs = select_jobs(image_source(paths, output_dir, selection, name=roundtrip_name), selection, 1)
     jobs = expand_tars(jobs, roundtrip_name)
-    with fast_allocator():  # held over the run (see pipeline._compute_and_write)
+    budget = default_budget()  # (fixed for the run, as in pipeline._compute_and_write)
+    with fast_allocator():  # held over the run: the heap stays paged in from one image to the next
         yield from each_job(
-            jobs, lambda job: _one(job, model, dtype, overwrite, max_pixels), overwrite=overwrite, ours=written_by_vqcli
+            jobs,
+            lambda job: _one(job, model, dtype, overwrite, max_pixels, budget),
+            overwrite=overwrite,
+            ours=written_by_vqcli,
         )
 
 
-def _one(job: Job, model: AutoEncoder, dtype: torch.dtype, overwrite: bool, max_pixels: int | None) -> FileResult:
+def _one(
+    job: Job, model: AutoEncoder, dtype: torch.dtype, overwrite: bool, max_pixels: int | None, budget: int
+) -> FileResult:
     rgb = load_job_image(job, max_pixels=max_pixels)
     original = to_uint8(rgb)
-    reconstruction = roundtrip_image(model, rgb, dtype=dtype)
+    reconstruction = roundtrip_image(model, rgb, dtype=dtype, budget=budget)
     save_image(side_by_side(original, reconstruction), job.output, overwrite=overwrite)
     info = {
         "width": int(rgb.shape[1]),

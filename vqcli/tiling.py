@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .accel import bounded_allocator, heap_free
+from .accel import bounded_allocator
 from .blocks import AttnBlock, Downsample, ResnetBlock, Upsample, full_precision, norm_swish
 from .coders import _NO_FEATURES, Decoder, Encoder
 
@@ -940,10 +940,10 @@ def available_memory() -> int:
 
 
 def default_budget() -> int:
-    """A quarter of the memory available now (the kernel's, plus what this process's heap holds
-    free: a run keeps its heap between images, see ``accel.fast_allocator``): the model, the images, the batches
-    waiting and other programs need the rest."""
-    return (available_memory() + heap_free()) // 4
+    """A quarter of the memory available now: the model, the images, the batches waiting and other
+    programs need the rest. (A run takes it once, at its start: the heap it keeps between images
+    would otherwise shrink it image by image.)"""
+    return available_memory() // 4
 
 
 def parse_size(text: str) -> int:

@@ -68,9 +68,9 @@ MaxMemoryOpt = Annotated[
     Optional[str],
     typer.Option(
         "--max-memory",
-        help="Memory for the model's working data, e.g. 4GB (default: a quarter of the free memory). What "
-        "does not fit is computed in bands, with the same result (large intermediate maps go to temporary "
-        "files in TMPDIR).",
+        help="Memory for the model's working data, e.g. 4GB (default: a quarter of the memory free at the "
+        "start). What does not fit is computed in bands, with the same result (large intermediate maps go to "
+        "temporary files in TMPDIR).",
     ),
 ]
 
