@@ -102,7 +102,7 @@ def release_heap_above(limit: int) -> None:
     ``limit`` bytes: images of many sizes leave holes that a heap keeping everything cannot always
     reuse. (glibc counts the holes it has given back as free still: a heap that fragmented past
     ``limit`` is trimmed after every image, and each one pays its faults, as before the run kept
-    its heap.)"""
+    its heap. Without mallinfo2, before glibc 2.33, nothing is given back before the run ends.)"""
     if _LIBC is not None and _depth > 0 and heap_free() > limit:
         _LIBC.malloc_trim(0)
 
