@@ -37,9 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vqcli import AutoEncoder  # noqa: E402
-from vqcli.accel import compute_context, fast_allocator, prepare_model  # noqa: E402
-from vqcli.checkpoints import infer_config  # noqa: E402
-from vqcli.layouts import to_original  # noqa: E402
+from vqcli.checkpoints.infer import infer_config
+from vqcli.checkpoints.layouts import to_original
+from vqcli.checkpoints.native import save_native
+from vqcli.speed.context import compute_context, prepare_model
+from vqcli.speed.heap import fast_allocator
 
 
 class PeakRSS:
@@ -288,7 +290,7 @@ def bench_e2e(args, reference, ours) -> list[dict]:
             im.save(photos / f"{path.stem}.png")
             count += 1
         model_file = tmp / "sd-vae.safetensors"
-        ours.save(model_file)
+        save_native(ours, model_file)
         diffusers_dir = tmp / "sd-vae-diffusers"
         reference.save_pretrained(diffusers_dir)
         env = dict(os.environ)

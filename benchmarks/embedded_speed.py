@@ -2,7 +2,7 @@
 
     python benchmarks/embedded_speed.py [--repeat 3] [--size 512]
 
-Runs the same code path as the CLI (vqcli.pipeline.encode_array / decode_array: inference mode, the
+Runs the same code path as the CLI (vqcli.pipeline.encode.encode_array / decode.decode_array: inference mode, the
 allocator setting, autocast for bfloat16, the memory bound) in float32 and bfloat16, twice: "in a
 run" is an image of a CLI run past its first, whose heap the run keeps paged in
 (accel.fast_allocator, held from the first image to the last); "alone" is the library called for
@@ -27,11 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import machine_peak  # noqa: E402
-from vqcli.accel import fast_allocator  # noqa: E402
-from vqcli.devices import cpu_has_native_bf16  # noqa: E402
-from vqcli.images import load_image  # noqa: E402
-from vqcli.models import resolve_model  # noqa: E402
-from vqcli.pipeline import decode_array, encode_array  # noqa: E402
+
+from vqcli.checkpoints.load import resolve_model
+from vqcli.io.images import load_image
+from vqcli.pipeline.decode import decode_array
+from vqcli.pipeline.encode import encode_array
+from vqcli.speed.devices import cpu_has_native_bf16
+from vqcli.speed.heap import fast_allocator
 
 
 def main() -> None:

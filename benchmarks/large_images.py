@@ -6,7 +6,7 @@
 
 Each measurement runs in a fresh process, which reports its own peak RSS (VmHWM from
 /proc/self/status: the high-water mark of that process alone, which ru_maxrss is not for a child of
-a large parent). The model runs exactly as in the CLI: vqcli.accel.compute_context (inference mode,
+a large parent). The model runs exactly as in the CLI: vqcli.speed.context.compute_context (inference mode,
 the allocator setting, the memory bound), float32. "untiled" is the same with an unlimited budget;
 it is skipped where its estimated memory would exceed half the free memory. Where both ran, the
 table gives the mean and largest absolute difference between their outputs (decode: the image,
@@ -67,11 +67,11 @@ def child(spec: dict) -> dict:
     import torch
 
     from vqcli import AutoEncoder
-    from vqcli.accel import compute_context
+    from vqcli.speed.context import compute_context
 
     torch.manual_seed(0)
     if spec["weights"]:
-        from vqcli.models import resolve_model
+        from vqcli.checkpoints.load import resolve_model
 
         model = resolve_model(spec["model"], device=torch.device("cpu"), dtype=torch.float32)
     else:
@@ -99,7 +99,7 @@ def child(spec: dict) -> dict:
 
 
 def _available() -> int:
-    from vqcli.tiling import available_memory
+    from vqcli.speed.budget import available_memory
 
     return available_memory()
 
@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the measuring processes")
     args = parser.parse_args()
 
-    from vqcli.tiling import parse_size
+    from vqcli.speed.budget import parse_size
 
     budget = parse_size(args.budget) if args.budget else None
     for name in args.model:
@@ -144,11 +144,11 @@ def main() -> None:
 
 
 def _run_model(name: str, args, budget: int | None) -> None:
-    from vqcli.tiling import default_budget
+    from vqcli.speed.budget import default_budget
 
     config = _config(name) if not args.weights else None
     if config is None:
-        from vqcli.models import resolve_model
+        from vqcli.checkpoints.load import resolve_model
 
         config = resolve_model(name).config
     f = config.downsampling

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from vqcli import AutoEncoder, AutoEncoderConfig
+from vqcli.checkpoints.native import save_native
 from vqcli.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +49,7 @@ def save_model(path: Path, config: AutoEncoderConfig = KL, seed: int = 0) -> Pat
     if config.kind == "vq":
         with torch.no_grad():
             model.quantize.embedding.weight.normal_(0, 0.3)
-    model.save(path)
+    save_native(model, path)
     return path
 
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vqcli.autoencoder import AutoEncoder, AutoEncoderConfig, load_strict
+from vqcli.model.autoencoder import AutoEncoder, load_strict
+from vqcli.model.config import AutoEncoderConfig
 
 # --- tiny configs ------------------------------------------------------------------------------
 
@@ -133,7 +134,7 @@ def seed_codebook_(dmodel: torch.nn.Module, x: torch.Tensor, seed: int = 0) -> N
 
 def vqcli_twin(dmodel: torch.nn.Module, config: AutoEncoderConfig) -> AutoEncoder:
     """A vqcli AutoEncoder holding ``dmodel``'s weights, mapped with ``vqcli.layouts`` and loaded strictly."""
-    from vqcli.layouts import to_original
+    from vqcli.checkpoints.layouts import to_original
 
     model = AutoEncoder(config)
     load_strict(model, to_original(dmodel.state_dict()), "diffusers twin")

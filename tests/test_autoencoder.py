@@ -9,9 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
-from vqcli import AutoEncoder, AutoEncoderConfig, DiagonalGaussian, FileError, VectorQuantizer
-from vqcli.autoencoder import load_strict
+from vqcli import (
+    AutoEncoder,
+    AutoEncoderConfig,
+    DiagonalGaussian,
+    FileError,
+    VectorQuantizer,
+)
 from vqcli.errors import ConfigError
+from vqcli.model.autoencoder import load_strict
 
 # attention at the inner level (nominal 8 px) as well as in the middle
 TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=16, z_channels=4)

@@ -19,21 +19,29 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import (
+    TINY_KL,
+    TINY_VQ,
+    build_diffusers,
+    random_images,
+    seed_codebook_,
+    vqcli_twin,
+)
 from safetensors.torch import save_file
 
-from vqcli.autoencoder import AutoEncoder, AutoEncoderConfig
-from vqcli.checkpoints import (
+from vqcli.checkpoints.configs import check_diffusers_config
+from vqcli.checkpoints.convert import convert_checkpoint
+from vqcli.checkpoints.infer import infer_config
+from vqcli.checkpoints.native import save_native
+from vqcli.checkpoints.read import (
     Checkpoint,
     apply_conventions,
-    check_diffusers_config,
-    convert_checkpoint,
-    infer_config,
     load_checkpoint,
     read_checkpoint,
 )
 from vqcli.errors import FileError, UsageError
-
-from conftest import TINY_KL, TINY_VQ, build_diffusers, random_images, seed_codebook_, vqcli_twin
+from vqcli.model.autoencoder import AutoEncoder
+from vqcli.model.config import AutoEncoderConfig
 
 TOL = 1e-4
 
@@ -134,7 +142,7 @@ def lightning_ckpt(state: dict[str, torch.Tensor]) -> dict:
 
 def write_native(tmp: Path, ref: Reference) -> Path:
     path = tmp / "model.safetensors"
-    vqcli_twin(ref.dmodel, ref.config).save(path)
+    save_native(vqcli_twin(ref.dmodel, ref.config), path)
     return path
 
 
@@ -768,7 +776,7 @@ def test_convert_refuses_to_overwrite_unless_asked(kl, tmp_path):
 
 def test_convert_to_diffusers_refuses_what_diffusers_cannot_express(kl, tmp_path):
     model = AutoEncoder(TINY_KL.replace(resamp_with_conv=False))
-    model.save(tmp_path / "avgpool.safetensors")
+    save_native(model, tmp_path / "avgpool.safetensors")
     with pytest.raises(FileError, match="resamp_with_conv"):
         convert_checkpoint(tmp_path / "avgpool.safetensors", tmp_path / "out", to="diffusers")
     assert not (tmp_path / "out").exists()
@@ -812,7 +820,7 @@ def test_models_command_lists_presets_and_embedded_models(tmp_path, monkeypatch)
     from vqcli.cli import app
 
     monkeypatch.setenv("VQCLI_WEIGHTS_DIR", str(tmp_path))
-    AutoEncoder(TINY_VQ).save(tmp_path / "default-vq.safetensors")  # and no default.safetensors
+    save_native(AutoEncoder(TINY_VQ), tmp_path / "default-vq.safetensors")  # and no default.safetensors
     result = CliRunner().invoke(app, ["models", "--json"])
     assert result.exit_code == 0, result.output
     listing = json.loads(result.stdout)

@@ -25,8 +25,9 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from vqcli import AutoEncoder, AutoEncoderConfig
+from vqcli.checkpoints.native import load_native, save_native
 from vqcli.cli import app
-from vqcli.fileio import TMP_PREFIX
+from vqcli.io.atomic import TMP_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample_images"
@@ -44,7 +45,7 @@ def _save_model(path: Path, config: AutoEncoderConfig, seed: int) -> Path:
     with torch.no_grad():  # a codebook spread like the encoder's outputs, so that many codes are used
         if config.kind == "vq":
             model.quantize.embedding.weight.normal_(0, 0.3)
-    model.save(path)
+    save_native(model, path)
     return path
 
 
@@ -93,7 +94,7 @@ def cli(*args: str, env: dict | None = None):
 
 
 def _load_model(path: Path) -> AutoEncoder:
-    return AutoEncoder.load(path).eval()
+    return load_native(path).eval()
 
 
 def _reflect_pad(rgb: np.ndarray, factor: int) -> torch.Tensor:
@@ -630,7 +631,8 @@ def test_ctrl_c_stops_cleanly_with_exit_130(tmp_path, models):
 
 def test_batching_holds_back_only_a_few_items():
     """Memory stays flat: with every image a different size, at most a few batches wait for partners."""
-    from vqcli.pipeline import Item, Job, batched
+    from vqcli.pipeline.batching import Item, batched
+    from vqcli.pipeline.results import Job
 
     consumed = []
 
@@ -649,7 +651,8 @@ def test_batching_holds_back_only_a_few_items():
 
 
 def test_reduced_precision_nan_is_redone_in_float32():
-    from vqcli.pipeline import Item, Job, compute
+    from vqcli.pipeline.batching import Item, compute
+    from vqcli.pipeline.results import Job
 
     model = AutoEncoder(KL_CONFIG).eval()
 

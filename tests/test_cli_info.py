@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from vqcli import AutoEncoder, AutoEncoderConfig
+from vqcli.checkpoints.native import load_native, save_native
 from vqcli.cli import app
 
 runner = CliRunner()
@@ -25,8 +26,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("info")
     torch.manual_seed(0)
     kl, vq = AutoEncoder(KL), AutoEncoder(VQ)
-    kl.save(d / "kl.safetensors")
-    vq.save(d / "vq.safetensors")
+    save_native(kl, d / "kl.safetensors")
+    save_native(vq, d / "vq.safetensors")
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (17, 33, 3), dtype=np.uint8)).save(d / "img.png")
     for name, model in (("lat", d / "kl.safetensors"), ("latvq", d / "vq.safetensors")):
@@ -71,7 +72,7 @@ def test_weights_file(files):
     r = runner.invoke(app, ["info", str(files["kl"]), "--json"])
     assert r.exit_code == 0, r.output
     (d,) = json.loads(r.stdout)["files"]
-    model = AutoEncoder.load(files["kl"])
+    model = load_native(files["kl"])
     assert d["type"] == "weights" and d["model"] == {"name": "tiny", "sha256": files["sha_kl"], "kind": "kl"}
     assert d["config"] == KL.to_dict() and d["downsampling"] == 2 and d["latent_channels"] == 4
     assert d["parameters"] == sum(p.numel() for p in model.state_dict().values())
@@ -108,7 +109,7 @@ def test_half_precision_and_foreign_weights_agree_with_their_latents(tmp_path):
     both encode, and info reports for each the identity its latent files record."""
     torch.manual_seed(3)
     model = AutoEncoder(KL)
-    model.half().save(tmp_path / "half.safetensors")
+    save_native(model.half(), tmp_path / "half.safetensors")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "bare.safetensors"))
     Image.fromarray(np.full((8, 12, 3), 128, dtype=np.uint8)).save(tmp_path / "img.png")
     for name in ("half", "bare"):

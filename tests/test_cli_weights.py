@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-
 from test_checkpoints import (  # noqa: F401 - kl and vq are fixtures
     kl,
     vq,
@@ -21,8 +20,9 @@ from test_checkpoints import (  # noqa: F401 - kl and vq are fixtures
     write_original_safetensors,
     write_taming_ckpt,
 )
-from vqcli.images import load_image
-from vqcli.padding import pad_to_multiple, to_model_input
+
+from vqcli.io.images import load_image
+from vqcli.io.padding import pad_to_multiple, to_model_input
 
 
 def run_vqcli(*args: str) -> subprocess.CompletedProcess:

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from _scaleout import latents, photo, save_model
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 

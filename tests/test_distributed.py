@@ -18,14 +18,26 @@ import sys
 import numpy as np
 import pytest
 import torch
+from _scaleout import (
+    KL,
+    TREE,
+    cli,
+    latents,
+    make_tree,
+    manifest_lines,
+    photo,
+    same_tensors,
+    save_model,
+)
 from PIL import Image
 
-from _scaleout import KL, TREE, cli, latents, make_tree, manifest_lines, photo, same_tensors, save_model
-from vqcli import distributed, shards
-from vqcli.autoencoder import AutoEncoder
+from vqcli.checkpoints.load import ModelRef
 from vqcli.errors import UsageError
-from vqcli.models import ModelRef
-from vqcli.pipeline import EncodeOptions, Selection, block_size, encode_files, image_jobs, select_jobs
+from vqcli.model.autoencoder import AutoEncoder
+from vqcli.pipeline import distributed, shards
+from vqcli.pipeline.encode import EncodeOptions, encode_files
+from vqcli.pipeline.jobs import image_jobs
+from vqcli.pipeline.selection import Selection, block_size, select_jobs
 
 RANK_THREADS = max(1, distributed.cpu_count() // 2)  # what each of two ranks on this machine gets
 

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from vqcli.images import load_image, to_uint8
+from vqcli.checkpoints.load import resolve_model
+from vqcli.checkpoints.registry import embedded_path
+from vqcli.io.images import load_image, to_uint8
 from vqcli.metrics import psnr
-from vqcli.models import embedded_path, resolve_model
-from vqcli.roundtrip import roundtrip_image
+from vqcli.pipeline.roundtrip import roundtrip_image
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_images"
 PHOTOS = sorted(p for p in SAMPLES.iterdir() if p.suffix in (".png", ".jpg"))
@@ -64,7 +65,7 @@ def test_embedded_models_compress_as_promised(embedded):
 @pytest.mark.slow
 def test_default_vq_uses_its_codebook():
     model = resolve_model("default-vq", device=torch.device("cpu"), dtype=torch.float32)
-    from vqcli.padding import pad_to_multiple, to_model_input
+    from vqcli.io.padding import pad_to_multiple, to_model_input
 
     used = set()
     with torch.inference_mode():

@@ -16,9 +16,16 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from vqcli import AutoEncoder, AutoEncoderConfig
+from vqcli.checkpoints.native import load_native, save_native
 from vqcli.cli import app
-from vqcli.features import extract_features, layer_grid, most_active_channels, overview, select_layers
-from vqcli.padding import pad_to_multiple, to_model_input
+from vqcli.io.padding import pad_to_multiple, to_model_input
+from vqcli.pipeline.features import (
+    extract_features,
+    layer_grid,
+    most_active_channels,
+    overview,
+    select_layers,
+)
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_images"
 runner = CliRunner()
@@ -28,7 +35,7 @@ runner = CliRunner()
 def model_path(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("m") / "kl.safetensors"
-    AutoEncoder(AutoEncoderConfig(kind="kl", ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4)).save(path)
+    save_native(AutoEncoder(AutoEncoderConfig(kind="kl", ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4)), path)
     return path
 
 
@@ -53,7 +60,7 @@ def test_features_file_holds_every_layer(tmp_path, model_path, image):
     out = tmp_path / "feats"
     r = runner.invoke(app, ["features", str(image), "-o", str(out), "--model", str(model_path), "--json"])
     assert r.exit_code == 0, r.output
-    model = AutoEncoder.load(model_path).eval()
+    model = load_native(model_path).eval()
     expected = _oracle(model, image)
     with safe_open(str(out / "features.safetensors"), "pt") as f:
         keys = list(f.keys())
@@ -84,7 +91,7 @@ def test_table_dtype_and_layer_filter(tmp_path, model_path, image):
     assert r.exit_code == 0, r.output
     for word in ("layer", "shape", "mean", "std", "min", "max", "encoder.conv_in", "decoder.conv_out"):
         assert word in r.stdout
-    r = runner.invoke(app, [*args, "-o", str(tmp_path / "half"), "--dtype", "float16", "--layers", "down*", "--layers", "decoder.mid*"])
+    r = runner.invoke(app, [*args, "-o", str(tmp_path / "half"), "--save-dtype", "float16", "--layers", "down*", "--layers", "decoder.mid*"])
     assert r.exit_code == 0, r.output
     with safe_open(str(tmp_path / "half" / "features.safetensors"), "pt") as f:
         keys = sorted(f.keys())
@@ -132,7 +139,7 @@ def test_most_active_channels_and_grid():
 
 
 def test_extract_features_selects_by_bare_and_full_names(model_path):
-    model = AutoEncoder.load(model_path).eval()
+    model = load_native(model_path).eval()
     maps = extract_features(model, np.full((5, 9, 3), 0.5, dtype=np.float32))
     assert list(select_layers(maps, ["conv_in"])) == ["encoder.conv_in", "decoder.conv_in"]
     assert list(select_layers(maps, ["encoder.conv_*"])) == ["encoder.conv_in", "encoder.conv_out"]

@@ -18,9 +18,10 @@ from PIL import Image
 
 from vqcli import AutoEncoder, AutoEncoderConfig
 from vqcli.errors import FileError
-from vqcli.images import load_image, save_image, written_by_vqcli
-from vqcli.padding import pad_to_multiple
-from vqcli.pipeline import Job, prepare_image
+from vqcli.io.images import load_image, save_image, written_by_vqcli
+from vqcli.io.padding import pad_to_multiple
+from vqcli.pipeline.encode import prepare_image
+from vqcli.pipeline.results import Job
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample_images"
@@ -291,7 +292,8 @@ def test_padding_does_not_smear_the_border(tmp_path, f4_model):
 
 
 def _embedded_default() -> AutoEncoder | None:
-    from vqcli.models import embedded_path, resolve_model
+    from vqcli.checkpoints.load import resolve_model
+    from vqcli.checkpoints.registry import embedded_path
 
     if not embedded_path("default").is_file():
         return None

@@ -21,11 +21,10 @@ import textwrap
 
 import pytest
 import torch
+from test_tiling import _randomised
 
 from vqcli import AutoEncoderConfig
-from vqcli.tiling import bounded_memory
-
-from test_tiling import _randomised
+from vqcli.speed.tiling import bounded_memory
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +61,8 @@ _CHILD = textwrap.dedent(
     """
     import json, sys, time, torch
     from vqcli import AutoEncoder, AutoEncoderConfig
-    from vqcli.accel import compute_context
+    from vqcli.speed.context import compute_context
+    from vqcli.speed.heap import fast_allocator
 
     def peak_gb():  # this process's own high-water mark (ru_maxrss would keep the parent's)
         with open("/proc/self/status") as f:
@@ -75,7 +75,7 @@ _CHILD = textwrap.dedent(
     gen = torch.Generator().manual_seed(1)
     before = peak_gb()
     start = time.perf_counter()
-    with compute_context(torch.device("cpu"), torch.float32, model=model, budget=budget):
+    with fast_allocator(), compute_context(torch.device("cpu"), torch.float32, model=model, budget=budget):  # (as a run)
         if op == "decode":
             n = size // config.downsampling
             out = model.decode(torch.randn(1, config.embed_dim, n, n, generator=gen))
@@ -118,7 +118,7 @@ SD = AutoEncoderConfig(kind="kl", ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2
 def test_a_deep_model_in_bands_grows_by_about_its_budget():
     """The SD decoder at 512 px with a 200 MB budget: long banded segments, bands of many sizes.
     The process grows by about the budget (237 MB measured), not 2.5 times it, as it did while the
-    freed bands stayed in the heap as holes the next sizes could not use (accel.bounded_allocator)."""
+    freed bands stayed in the heap as holes the next sizes could not use (speed.heap.bounded_allocator, inside a run)."""
     budget = 200 * 2**20
     r = _measure("decode", SD, budget, size=512)
     assert r["shape"] == [1, 3, 512, 512] and r["finite"]

@@ -13,9 +13,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vqcli import AutoEncoder, AutoEncoderConfig
+from vqcli.checkpoints.native import load_native
 from vqcli.errors import FileError
-from vqcli.latents import check_model, make_meta, read_latent, write_latent
-from vqcli.pipeline import ModelChooser
+from vqcli.io.latents import check_model, make_meta, read_latent, write_latent
+from vqcli.pipeline.decode import ModelChooser
 
 KL = AutoEncoderConfig(kind="kl", ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4)
 VQ = AutoEncoderConfig(kind="vq", ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, n_embed=64)
@@ -60,13 +61,14 @@ def test_kl_round_trip_and_plain_safetensors(tmp_path, kl_model):
 WRITE_IN_A_CHILD = """
 import sys, torch
 from vqcli import AutoEncoder, AutoEncoderConfig
-from vqcli.latents import make_meta, write_latent
+from vqcli.checkpoints.native import save_native
+from vqcli.io.latents import make_meta, write_latent
 torch.manual_seed(0)
 model = AutoEncoder(AutoEncoderConfig(kind="kl", ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4))
 meta = make_meta(model, source="dir/a.png", width=33, height=17, model_name="kl.safetensors",
                  model_embedded=False, representation="mean")
 write_latent(sys.argv[1], torch.arange(4 * 9 * 17, dtype=torch.float32).reshape(meta.latent_shape) / 7, meta)
-model.save(sys.argv[2])
+save_native(model, sys.argv[2])
 """
 
 
@@ -93,7 +95,7 @@ def test_the_same_latent_and_model_give_the_same_bytes_in_every_process(tmp_path
     loaded = load(model_bytes)
     assert loaded.keys() == reference.keys() and all(torch.equal(loaded[k], reference[k]) for k in reference)
     assert read_latent(tmp_path / "0.safetensors").meta.source == "dir/a.png"
-    assert AutoEncoder.load(tmp_path / "m0.safetensors").config == KL
+    assert load_native(tmp_path / "m0.safetensors").config == KL
 
 
 def test_vq_indices_are_int16_or_int32(tmp_path, vq_model):

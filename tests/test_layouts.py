@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_KL, TINY_VQ
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vqcli.autoencoder import AutoEncoder, AutoEncoderConfig
-from vqcli.layouts import (
+from vqcli.checkpoints.layouts import (
     detect_layout,
     key_to_diffusers,
     key_to_original,
@@ -17,8 +17,8 @@ from vqcli.layouts import (
     to_diffusers,
     to_original,
 )
-
-from conftest import TINY_KL, TINY_VQ
+from vqcli.model.autoencoder import AutoEncoder
+from vqcli.model.config import AutoEncoderConfig
 
 # Hand-written correspondences for a 3-level model (the decoder's indices reverse: up.i <-> up_blocks.2-i).
 KNOWN = [

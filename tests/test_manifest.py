@@ -12,9 +12,17 @@ import time
 from pathlib import Path
 
 import pytest
+from _scaleout import (
+    TREE,
+    cli,
+    latents,
+    make_tree,
+    manifest_lines,
+    same_tensors,
+    save_model,
+)
 
-from _scaleout import TREE, cli, latents, make_tree, manifest_lines, same_tensors, save_model
-from vqcli import manifest as mf
+from vqcli.io import manifest as mf
 
 
 @pytest.fixture(scope="module")

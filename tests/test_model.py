@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from vqcli import AttnBlock, Decoder, Encoder
-from vqcli.autoencoder import AutoEncoder, AutoEncoderConfig
+from vqcli.model.autoencoder import AutoEncoder
+from vqcli.model.config import AutoEncoderConfig
 
 # A small config with attention at an inner level (16 = the nominal size of level 1 of 3), a
 # channel change (so nin_shortcut) entering level 1 of the encoder and level 0 of the decoder,

@@ -11,11 +11,18 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-import vqcli.native
+import vqcli.checkpoints.native
 from vqcli import AutoEncoder, AutoEncoderConfig, FileError
-from vqcli.autoencoder import FORMAT, FORMAT_VERSION, load_strict
-from vqcli.fileio import TMP_PREFIX
-from vqcli.native import read_native, read_safetensors
+from vqcli.checkpoints.native import (
+    FORMAT,
+    FORMAT_VERSION,
+    load_native,
+    read_native,
+    save_native,
+)
+from vqcli.io.atomic import TMP_PREFIX
+from vqcli.io.safetensors import read_safetensors
+from vqcli.model.autoencoder import load_strict
 
 TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=16, z_channels=4)
 
@@ -31,7 +38,7 @@ def saved(tmp_path_factory):
     """A KL model with non-default config fields, and its native file (read-only for the tests)."""
     model = make_model(scale_factor=0.18215, shift_factor=0.1159, name="tiny-kl", embed_dim=3)
     path = tmp_path_factory.mktemp("native") / "tiny.safetensors"
-    model.save(path)
+    save_native(model, path)
     return model, path
 
 
@@ -46,8 +53,8 @@ def leftovers(folder):
 def test_round_trip_is_bit_exact(tmp_path, kind):
     model = make_model(kind, seed=3)
     path = tmp_path / f"{kind}.safetensors"
-    model.save(path)
-    loaded = AutoEncoder.load(path)
+    save_native(model, path)
+    loaded = load_native(path)
     assert not loaded.training  # ready for inference, like the checkpoint readers' models
     assert loaded.config == model.config
     a, b = model.state_dict(), loaded.state_dict()
@@ -93,10 +100,10 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
         f.write(b"half a file")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(vqcli.native, "write_safetensors", broken)
+    monkeypatch.setattr(vqcli.checkpoints.native, "write_safetensors", broken)
     target = tmp_path / "out.safetensors"
     with pytest.raises(OSError, match="No space left"):
-        model.save(target)
+        save_native(model, target)
     assert not target.exists()
     assert list(tmp_path.iterdir()) == []
 
@@ -109,9 +116,9 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch, saved):
     def broken(f, tensors, metadata=None):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(vqcli.native, "write_safetensors", broken)
+    monkeypatch.setattr(vqcli.checkpoints.native, "write_safetensors", broken)
     with pytest.raises(KeyboardInterrupt):
-        make_model(seed=5).save(target)
+        save_native(make_model(seed=5), target)
     assert target.read_bytes() == good.read_bytes()
     assert leftovers(tmp_path) == []
 
@@ -120,16 +127,16 @@ def test_save_without_overwrite_refuses_an_existing_file(tmp_path):
     target = tmp_path / "model.safetensors"
     target.write_bytes(b"precious")
     with pytest.raises(FileExistsError):
-        make_model().save(target, overwrite=False)
+        save_native(make_model(), target, overwrite=False)
     assert target.read_bytes() == b"precious"
     assert leftovers(tmp_path) == []
-    make_model().save(target)  # overwriting is the default
-    assert AutoEncoder.load(target).identity() == make_model().identity()
+    save_native(make_model(), target)  # overwriting is the default
+    assert load_native(target).identity() == make_model().identity()
 
 
 def test_save_creates_missing_folders_and_gives_usual_permissions(tmp_path):
     target = tmp_path / "a" / "b" / "model.safetensors"
-    make_model().save(target)
+    save_native(make_model(), target)
     mask = os.umask(0)
     os.umask(mask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~mask
@@ -146,7 +153,7 @@ def raw_safetensors(header: dict | list | str, data: bytes = b"") -> bytes:
 
 def assert_file_error(path, *fragments):
     with pytest.raises(FileError) as info:
-        AutoEncoder.load(path)
+        load_native(path)
     error = info.value
     assert error.path == str(path)
     message = str(error)
@@ -315,7 +322,7 @@ def test_identity_is_independent_of_the_file_format(tmp_path, saved):
     torch.save(dict(reversed(list(model.state_dict().items()))), pt)  # other format, other key order
     from_pt = AutoEncoder(model.config)
     load_strict(from_pt, torch.load(pt, weights_only=True), pt)
-    from_native = AutoEncoder.load(native)
+    from_native = load_native(native)
     assert from_pt.identity() == from_native.identity() == model.identity()
 
 

@@ -11,15 +11,15 @@ import time
 
 import numpy as np
 import pytest
+from conftest import TINY_KL, randomize_
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from vqcli.autoencoder import AutoEncoder
+from vqcli.checkpoints.native import save_native
 from vqcli.cli import app
-from vqcli.overlap import WriteBehind, ordered_map
-
-from conftest import TINY_KL, randomize_
+from vqcli.model.autoencoder import AutoEncoder
+from vqcli.pipeline.overlap import WriteBehind, ordered_map
 
 
 def test_ordered_map_keeps_order_whatever_finishes_first():
@@ -156,7 +156,7 @@ def test_cli_results_do_not_depend_on_io_threads(tmp_path):
     """Latents and images are bit-identical with 0, 1 and 3 I/O threads; a broken file fails the
     same way; the summaries agree."""
     model = tmp_path / "m.safetensors"
-    randomize_(AutoEncoder(TINY_KL), 4).save(model)
+    save_native(randomize_(AutoEncoder(TINY_KL), 4), model)
     src = tmp_path / "in"
     (src / "sub").mkdir(parents=True)
     rng = np.random.default_rng(1)
@@ -188,9 +188,10 @@ def test_ctrl_c_between_results_still_reports_every_file_written(tmp_path):
     """Ctrl-C can reach the caller between two results while files are being written behind: the
     caller throws it into the stream (cli.common.last_results) and gets those files' results, so
     the summary counts exactly the files on disk."""
+    from vqcli.checkpoints.load import ModelRef
     from vqcli.cli.common import last_results
-    from vqcli.models import ModelRef
-    from vqcli.pipeline import DONE, EncodeOptions, encode_files
+    from vqcli.pipeline.encode import EncodeOptions, encode_files
+    from vqcli.pipeline.results import DONE
 
     model = randomize_(AutoEncoder(TINY_KL), 5).eval()
     src = tmp_path / "in"

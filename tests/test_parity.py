@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_KL, TINY_VQ, randomize_
 
 from vqcli import AttnBlock, Decoder, Encoder
-from vqcli.autoencoder import load_strict
-from vqcli.layouts import to_original
-
-from conftest import TINY_KL, TINY_VQ, randomize_
+from vqcli.checkpoints.layouts import to_original
+from vqcli.model.autoencoder import load_strict
 
 TOL = 1e-4
 

@@ -11,18 +11,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_KL, TINY_VQ, randomize_
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from vqcli import accel
-from vqcli.accel import check_image, choose_dtype, compute_context
-from vqcli.autoencoder import AutoEncoder
+from vqcli.checkpoints.load import resolve_model
+from vqcli.checkpoints.native import save_native
 from vqcli.cli import app
-from vqcli.models import resolve_model
-from vqcli.padding import pad_to_multiple, to_model_input
-
-from conftest import TINY_KL, TINY_VQ, randomize_
+from vqcli.io.padding import pad_to_multiple, to_model_input
+from vqcli.model.autoencoder import AutoEncoder
+from vqcli.speed.context import compute_context, memory_format_for
+from vqcli.speed.precision import (
+    AUTO_MIN_PSNR,
+    auto_candidates,
+    check_image,
+    choose_dtype,
+)
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
 CPU = torch.device("cpu")
@@ -80,12 +85,12 @@ def test_auto_reports_what_it_measured_and_picks_the_fastest_that_passes():
     x = check_image(128, model.config.downsampling)
     expected = _psnr(_roundtrip(model, x, torch.bfloat16), _roundtrip(model, x, torch.float32))
     assert choice.psnr["bfloat16"] == pytest.approx(expected, abs=0.5)
-    passing = {name: s for name, s in choice.seconds.items() if choice.psnr[name] >= accel.AUTO_MIN_PSNR}
+    passing = {name: s for name, s in choice.seconds.items() if choice.psnr[name] >= AUTO_MIN_PSNR}
     fastest = min(passing, key=passing.get)
     assert str(choice.dtype).removeprefix("torch.") == fastest
     # and the model is left in the memory format of the precision chosen
     conv = model.decoder.conv_in.weight
-    assert conv.is_contiguous(memory_format=accel.memory_format_for(choice.dtype))
+    assert conv.is_contiguous(memory_format=memory_format_for(choice.dtype))
 
 
 def test_auto_never_chooses_a_precision_below_40_db():
@@ -94,23 +99,23 @@ def test_auto_never_chooses_a_precision_below_40_db():
     with torch.no_grad():
         model.decoder.conv_out.weight.mul_(300.0)  # every rounding error of the features x300
     choice = choose_dtype(model, CPU, candidates=[torch.bfloat16])
-    assert choice.psnr["bfloat16"] < accel.AUTO_MIN_PSNR
+    assert choice.psnr["bfloat16"] < AUTO_MIN_PSNR
     assert choice.dtype == torch.float32
     assert "float32" in choice.describe()
 
 
 def test_auto_without_a_faster_precision_is_float32(monkeypatch):
-    monkeypatch.setattr("vqcli.devices.cpu_has_native_bf16", lambda: False)
-    assert accel.auto_candidates(CPU) == []
+    monkeypatch.setattr("vqcli.speed.precision.cpu_has_native_bf16", lambda: False)
+    assert auto_candidates(CPU) == []
     model = randomize_(AutoEncoder(TINY_KL), 2).eval()
     assert choose_dtype(model, CPU).dtype == torch.float32
 
 
 def test_cli_dtype_auto_says_what_it_chose_and_computes_in_it(tmp_path, monkeypatch):
     """On a CPU without native bfloat16, auto is float32: the latents equal --dtype float32's."""
-    monkeypatch.setattr("vqcli.devices.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("vqcli.speed.precision.cpu_has_native_bf16", lambda: False)
     model = tmp_path / "m.safetensors"
-    randomize_(AutoEncoder(TINY_KL), 3).save(model)
+    save_native(randomize_(AutoEncoder(TINY_KL), 3), model)
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     runner = CliRunner()
     outputs, stderr = {}, {}
@@ -135,7 +140,7 @@ def test_cli_refuses_unknown_dtype(tmp_path):
 def test_decode_auto_chooses_per_embedded_model(tmp_path, monkeypatch):
     """Without --model, each latent's embedded model gets its own choice (float32 where no faster
     precision exists): images equal --dtype float32's."""
-    monkeypatch.setattr("vqcli.devices.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("vqcli.speed.precision.cpu_has_native_bf16", lambda: False)
     rgb = np.asarray(Image.open(SAMPLES / "coffee.png").convert("RGB"))[:64, :96]
     Image.fromarray(rgb).save(tmp_path / "c.png")
     runner = CliRunner()
@@ -153,7 +158,7 @@ def test_decode_auto_chooses_per_embedded_model(tmp_path, monkeypatch):
 
 _HEAP_KEPT = """
 import torch
-from vqcli.accel import _LIBC, fast_allocator
+from vqcli.speed.heap import _LIBC, fast_allocator
 
 def rss():
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))

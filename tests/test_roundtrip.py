@@ -12,8 +12,9 @@ from skimage.metrics import structural_similarity
 from typer.testing import CliRunner
 
 from vqcli import AutoEncoder, AutoEncoderConfig
+from vqcli.checkpoints.native import save_native
 from vqcli.cli import app
-from vqcli.images import load_image
+from vqcli.io.images import load_image
 from vqcli.metrics import psnr, ssim
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_images"
@@ -51,7 +52,7 @@ def model_file(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    AutoEncoder(AutoEncoderConfig(kind="kl", ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, name="tiny")).save(path)
+    save_native(AutoEncoder(AutoEncoderConfig(kind="kl", ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, name="tiny")), path)
     return path
 
 

@@ -14,10 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vqcli import shards
 from vqcli.errors import UsageError, VqcliError
-from vqcli.pipeline import FileResult, Item, Job, Selection, TarJob, batched, block_size, image_jobs, number_blocks, select_jobs
-
+from vqcli.pipeline import shards
+from vqcli.pipeline.batching import Item, batched
+from vqcli.pipeline.jobs import image_jobs
+from vqcli.pipeline.results import FileResult, Job, TarJob
+from vqcli.pipeline.selection import Selection, block_size, number_blocks, select_jobs
 
 # --- parsing and combining ----------------------------------------------------------------------
 

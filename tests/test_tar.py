@@ -15,13 +15,24 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pytest
 import torch
+from _scaleout import (
+    TREE,
+    cli,
+    encoded,
+    latents,
+    make_tar,
+    make_tree,
+    manifest_lines,
+    photo,
+    read_latent,
+    save_model,
+)
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 
-from _scaleout import TREE, cli, encoded, latents, make_tar, make_tree, manifest_lines, photo, read_latent, save_model
-from vqcli import tario
 from vqcli.errors import FileError
-from vqcli.images import load_image
+from vqcli.io import tarfiles as tario
+from vqcli.io.images import load_image, load_image_bytes
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +212,7 @@ def _variants(tmp_path: Path) -> dict[str, Path]:
 def test_member_bytes_decode_exactly_like_the_file(tmp_path):
     for name, path in _variants(tmp_path).items():
         want = load_image(path)
-        got = tario.load_image_bytes(path.read_bytes(), Path("s.tar") / name)
+        got = load_image_bytes(path.read_bytes(), Path("s.tar") / name)
         assert got.dtype == want.dtype and np.array_equal(got, want), name
     assert load_image(tmp_path / "rotated.jpg").shape == (30, 20, 3)
 
@@ -209,12 +220,12 @@ def test_member_bytes_decode_exactly_like_the_file(tmp_path):
 def test_member_errors_name_the_member(tmp_path):
     path = Path("s.tar/k.png")
     with pytest.raises(FileError) as e:
-        tario.load_image_bytes(b"garbage", path)
+        load_image_bytes(b"garbage", path)
     assert Path(e.value.path) == path
     big = io.BytesIO()
     Image.fromarray(photo(40, 40)).save(big, format="PNG")
     with pytest.raises(FileError, match="over the limit of 100") as e:
-        tario.load_image_bytes(big.getvalue(), path, max_pixels=100)
+        load_image_bytes(big.getvalue(), path, max_pixels=100)
     assert Path(e.value.path) == path
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import numpy as np
@@ -12,9 +13,12 @@ import pytest
 import torch
 
 from vqcli import AutoEncoder, AutoEncoderConfig
-from vqcli import tiling
-from vqcli.blocks import Downsample
-from vqcli.tiling import bounded_memory, parse_size, whole_stats
+from vqcli.checkpoints.native import save_native
+from vqcli.model.blocks import Downsample
+from vqcli.speed import bands, stages, tiling
+from vqcli.speed.bands import whole_stats
+from vqcli.speed.budget import parse_size
+from vqcli.speed.tiling import bounded_memory
 from vqcli.train import TRAIN_PRESETS
 
 
@@ -53,7 +57,7 @@ ATTN = AutoEncoderConfig(
 def banded_runs(monkeypatch):
     """How many segments ran in bands (so that a test knows the tiled path really ran)."""
     calls = []
-    original = tiling._run_banded
+    original = stages._run_banded
 
     def spy(steps, inputs, budget, spill=None):
         calls.append((len(steps), tuple(inputs[-1].shape)))
@@ -67,13 +71,13 @@ def banded_runs(monkeypatch):
 def staged_runs(monkeypatch):
     """How many banded segments ran in stages through temporary files."""
     calls = []
-    original = tiling._run_staged
+    original = stages._run_staged
 
     def spy(steps, *args):
         calls.append(len(steps))
         return original(steps, *args)
 
-    monkeypatch.setattr(tiling, "_run_staged", spy)
+    monkeypatch.setattr(stages, "_run_staged", spy)
     return calls
 
 
@@ -83,7 +87,7 @@ def test_bands_cover_every_row_once():
     shapes = [(32, 37, 50)] * (len(steps) + 1)
     for budget in (1, 200_000, 10**9):
         covered = torch.zeros(37, dtype=torch.int32)
-        for lo, hi in tiling._bands(steps, shapes, 1, budget):
+        for lo, hi in bands._bands(steps, shapes, 1, budget):
             covered[lo:hi] += 1
         assert torch.equal(covered, torch.ones_like(covered)), budget
 
@@ -99,12 +103,12 @@ def test_every_band_of_every_layer_equals_the_whole_map(layer):
     enc, dec = model.encoder, model.decoder
     x = torch.randn(2, 32, 22, 18)
     units = {
-        "conv": (tiling._Unit([tiling._Conv(enc.down[0].block[0].conv1)], enc.down[0].block[0].conv1), x),
+        "conv": (tiling._Unit([bands._Conv(enc.down[0].block[0].conv1)], enc.down[0].block[0].conv1), x),
         "block": (tiling._block_unit(enc.down[0].block[0]), x),
         "block-shortcut": (tiling._block_unit(enc.down[1].block[0]), x),
         "upsample": (tiling._upsample_unit(dec.up[1].upsample), torch.randn(2, 64, 11, 9)),
-        "downsample": (tiling._Unit([tiling._Down(enc.down[0].downsample)], enc.down[0].downsample), x),
-        "avgpool": (tiling._Unit([tiling._Down(Downsample(32, with_conv=False))], Downsample(32, False)), x),
+        "downsample": (tiling._Unit([bands._Down(enc.down[0].downsample)], enc.down[0].downsample), x),
+        "avgpool": (tiling._Unit([bands._Down(Downsample(32, with_conv=False))], Downsample(32, False)), x),
         "out": (tiling._decoder_units(dec)[-1], x),
     }
     unit, x = units[layer]
@@ -117,15 +121,15 @@ def test_every_band_of_every_layer_equals_the_whole_map(layer):
         # the statistics of each norm's input in the untiled network
         h = x
         for step in unit.steps:
-            if isinstance(step, tiling._Norm):
-                stats[step] = tiling.whole_stats(h, step.norm.num_groups)
-            if not isinstance(step, tiling._Push):
-                h = step.run(tiling._Band(h, 0, h.shape[2]), stats).t if not isinstance(step, tiling._Add) else h
+            if isinstance(step, bands._Norm):
+                stats[step] = bands.whole_stats(h, step.norm.num_groups)
+            if not isinstance(step, bands._Push):
+                h = step.run(bands._Band(h, 0, h.shape[2]), stats).t if not isinstance(step, bands._Add) else h
         height = shapes[-1][1]
         assert whole.shape[1:] == torch.Size(shapes[-1])
         for lo in range(height):
             for hi in range(lo + 1, min(height, lo + 4) + 1):
-                band = tiling._forward(unit.steps, shapes, x, lo, hi, stats)
+                band = bands._forward(unit.steps, shapes, x, lo, hi, stats)
                 assert (band.r0, band.r1) == (lo, hi)
                 torch.testing.assert_close(band.t, whole[:, :, lo:hi], rtol=1e-5, atol=1e-5)
 
@@ -180,14 +184,15 @@ _UNIT_MEMORY = textwrap.dedent(
     """
     import json, torch
     from vqcli import AutoEncoder, AutoEncoderConfig
-    from vqcli import tiling
+    from vqcli.speed import tiling
+    from vqcli.speed.fastpath import use_fast_paths
 
     def rss(field):  # kB -> bytes
         line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
         return int(line.split()[1]) * 1024
 
     torch.set_grad_enabled(False)
-    model = AutoEncoder(AutoEncoderConfig(ch=64, ch_mult=(1, 2), num_res_blocks=1, z_channels=4)).eval()
+    model = use_fast_paths(AutoEncoder(AutoEncoderConfig(ch=64, ch_mult=(1, 2), num_res_blocks=1, z_channels=4)).eval())
     found = []
     for units, shape in ((tiling._encoder_units(model.encoder), (3, 512, 512)),
                          (tiling._decoder_units(model.decoder), (128, 256, 256))):
@@ -314,10 +319,10 @@ def test_a_budget_that_fits_runs_the_plain_network(banded_runs):
 @pytest.mark.parametrize("dtype, memory_format", [(torch.float32, torch.contiguous_format), (torch.bfloat16, torch.channels_last)])
 def test_a_spilled_map_gives_back_any_rows(tmp_path, dtype, memory_format):
     whole = torch.randn(2, 5, 23, 7).to(dtype).contiguous(memory_format=memory_format)
-    spilled = tiling._Spilled(str(tmp_path), tuple(whole.shape), memory_format)
+    spilled = stages._Spilled(str(tmp_path), tuple(whole.shape), memory_format)
     for lo in (16, 0, 9, 4):  # bands written in any order
         hi = {0: 4, 4: 9, 9: 16, 16: 23}[lo]
-        spilled.write(tiling._Band(whole[:, :, lo:hi], lo, 23))
+        spilled.write(bands._Band(whole[:, :, lo:hi], lo, 23))
     for lo, hi in ((0, 23), (3, 4), (5, 20), (22, 23)):
         rows = spilled.read(lo, hi)
         assert rows.dtype == dtype and rows.is_contiguous(memory_format=memory_format)
@@ -347,7 +352,7 @@ def test_a_full_disk_names_the_temporary_directory(monkeypatch, tmp_path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(tiling, "spill_directory", lambda: str(tmp_path))
-    monkeypatch.setattr(tiling.os, "pwrite", full)
+    monkeypatch.setattr(os, "pwrite", full)
     model = _randomised(KL)
     with torch.inference_mode(), bounded_memory(model, budget=48 * 1024):
         with pytest.raises(OSError, match=f"temporary file in {tmp_path}: No space left on device .*TMPDIR"):
@@ -364,29 +369,29 @@ _MOUNTINFO = """\
 
 
 def test_files_kept_in_memory_are_recognised_from_the_mount_table():
-    assert not tiling._in_memory("/", _MOUNTINFO)
-    assert not tiling._in_memory("/var/tmp", _MOUNTINFO)
-    assert tiling._in_memory("/tmp", _MOUNTINFO)
-    assert tiling._in_memory("/tmp/x/y", _MOUNTINFO)
-    assert not tiling._in_memory("/tmp/big disk/x", _MOUNTINFO)  # a disk mounted inside the tmpfs
-    assert tiling._in_memory("/dev/shm", _MOUNTINFO)  # optional fields before the separator
-    assert not tiling._in_memory("/tmpfoo", _MOUNTINFO)
+    assert not stages._in_memory("/", _MOUNTINFO)
+    assert not stages._in_memory("/var/tmp", _MOUNTINFO)
+    assert stages._in_memory("/tmp", _MOUNTINFO)
+    assert stages._in_memory("/tmp/x/y", _MOUNTINFO)
+    assert not stages._in_memory("/tmp/big disk/x", _MOUNTINFO)  # a disk mounted inside the tmpfs
+    assert stages._in_memory("/dev/shm", _MOUNTINFO)  # optional fields before the separator
+    assert not stages._in_memory("/tmpfoo", _MOUNTINFO)
 
 
 def test_temporary_files_go_where_the_disk_is(monkeypatch, tmp_path):
-    monkeypatch.setattr(tiling.tempfile, "gettempdir", lambda: str(tmp_path))
-    monkeypatch.setattr(tiling, "_in_memory", lambda path: False)
-    assert tiling.spill_directory() == str(tmp_path)
-    monkeypatch.setattr(tiling, "_in_memory", lambda path: path == str(tmp_path))
-    assert tiling.spill_directory() == "/var/tmp"
-    monkeypatch.setattr(tiling, "_in_memory", lambda path: True)
-    assert tiling.spill_directory() is None
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(stages, "_in_memory", lambda path: False)
+    assert stages.spill_directory() == str(tmp_path)
+    monkeypatch.setattr(stages, "_in_memory", lambda path: path == str(tmp_path))
+    assert stages.spill_directory() == "/var/tmp"
+    monkeypatch.setattr(stages, "_in_memory", lambda path: True)
+    assert stages.spill_directory() is None
 
 
 def test_bfloat16_channels_last_tiled_as_close_to_float32_as_untiled(banded_runs):
     """The CLI's reduced-precision path (autocast, channels-last) through bands: bfloat16 rounds
     differently where the kernels differ, so the bands are held to the untiled run's own error."""
-    from vqcli.accel import compute_context, prepare_model
+    from vqcli.speed.context import compute_context, prepare_model
 
     model = _randomised(KL)
     x = torch.rand(1, 3, 96, 128) * 2 - 1
@@ -461,7 +466,7 @@ _PEAK = textwrap.dedent(
     """
     import json, sys, torch
     from vqcli import AutoEncoder, AutoEncoderConfig
-    from vqcli.tiling import bounded_memory
+    from vqcli.speed.tiling import bounded_memory
     torch.set_num_threads(1)
     tiled = sys.argv[1] == "tiled"
     model = AutoEncoder(AutoEncoderConfig(kind="kl", ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, z_channels=4)).eval()
@@ -505,7 +510,7 @@ def test_cli_max_memory_gives_the_same_latents_and_images(tmp_path):
     from vqcli.cli import app
 
     model = tmp_path / "m.safetensors"
-    _randomised(KL).save(model)
+    save_native(_randomised(KL), model)
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (72, 100, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     runner = CliRunner()
     for name, extra in (("whole", []), ("tiled", ["--max-memory", "64KB"])):

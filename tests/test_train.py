@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from vqcli import AutoEncoder, AutoEncoderConfig
+from vqcli import AutoEncoderConfig
+from vqcli.checkpoints.native import load_native
 from vqcli.cli import app
 from vqcli.train import Trainer, TrainOptions, learning_rate
 
@@ -56,7 +57,7 @@ def test_cli_trains_writes_a_loadable_model_and_resumes(photos, tmp_path):
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert summary["steps"] == 6
-    model = AutoEncoder.load(out)
+    model = load_native(out)
     assert model.config.ch_mult == (1, 2) and model.config.kind == "kl"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".vqcli-tmp-")]
 
@@ -67,7 +68,7 @@ def test_middle_attention_can_be_left_out(photos, tmp_path):
         out = tmp_path / f"m{expected}.safetensors"
         r = runner.invoke(app, ["train", str(photos), "-o", str(out), "--steps", "2", *TINY, flag])
         assert r.exit_code == 0, r.output
-        model = AutoEncoder.load(out)
+        model = load_native(out)
         assert model.config.mid_attention is expected
         keys = model.state_dict().keys()
         assert any(k.startswith("decoder.mid.attn_1.") for k in keys) is expected
@@ -79,7 +80,7 @@ def test_same_seed_same_model(photos, tmp_path):
     for name in ("a", "b"):
         r = runner.invoke(app, ["train", str(photos), "-o", str(tmp_path / f"{name}.safetensors"), "--steps", "3", *TINY])
         assert r.exit_code == 0, r.output
-    a, b = AutoEncoder.load(tmp_path / "a.safetensors"), AutoEncoder.load(tmp_path / "b.safetensors")
+    a, b = load_native(tmp_path / "a.safetensors"), load_native(tmp_path / "b.safetensors")
     assert a.identity() == b.identity()
 
 

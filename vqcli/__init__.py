@@ -1,29 +1,43 @@
 """vqcli: encode images into autoencoder latents and reconstruct them.
 
 The model is the 2D convolutional autoencoder of the latent-diffusion / taming / CogVideo family,
-with the parameter names of the original checkpoints.
+with the parameter names of the original checkpoints. The names below are imported when first
+used, so that ``vqcli --help`` answers without importing torch.
 """
 
-from .autoencoder import AutoEncoder, AutoEncoderConfig
-from .blocks import AttnBlock, Downsample, ResnetBlock, Upsample
-from .coders import Decoder, Encoder
-from .errors import FileError, UsageError, VqcliError
-from .quantize import DiagonalGaussian, VectorQuantizer
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AttnBlock",
-    "AutoEncoder",
-    "AutoEncoderConfig",
-    "Decoder",
-    "DiagonalGaussian",
-    "Downsample",
-    "Encoder",
-    "FileError",
-    "ResnetBlock",
-    "Upsample",
-    "UsageError",
-    "VectorQuantizer",
-    "VqcliError",
-]
+# name -> the module that defines it
+_EXPORTS = {
+    "AttnBlock": "vqcli.model.blocks",
+    "AutoEncoder": "vqcli.model.autoencoder",
+    "AutoEncoderConfig": "vqcli.model.config",
+    "Decoder": "vqcli.model.coders",
+    "DiagonalGaussian": "vqcli.model.quantize",
+    "Downsample": "vqcli.model.blocks",
+    "Encoder": "vqcli.model.coders",
+    "FileError": "vqcli.errors",
+    "ResnetBlock": "vqcli.model.blocks",
+    "Upsample": "vqcli.model.blocks",
+    "UsageError": "vqcli.errors",
+    "VectorQuantizer": "vqcli.model.quantize",
+    "VqcliError": "vqcli.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vqcli' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,3 +1,3 @@
-from .cli import main
+from vqcli.cli import main
 
 main()

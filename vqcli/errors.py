@@ -24,3 +24,10 @@ class FileError(VqcliError):
 
 class ConfigError(VqcliError):
     """A model configuration that cannot be built."""
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message as one line for a person: its first line, cut at ``limit`` characters,
+    or the exception's type name when it has no message."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__

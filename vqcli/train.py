@@ -30,31 +30,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .autoencoder import AutoEncoder, AutoEncoderConfig
-from .errors import FileError, UsageError
-from .fileio import TMP_PREFIX, atomic_path
-from .images import load_image
+from vqcli.checkpoints.native import save_native
+from vqcli.checkpoints.read import TRAIN_CHECKPOINT_FORMAT
+from vqcli.checkpoints.registry import EMBEDDED
+from vqcli.errors import FileError, UsageError
+from vqcli.io.atomic import TMP_PREFIX, atomic_path
+from vqcli.io.images import is_image_path, load_image
+from vqcli.model.autoencoder import AutoEncoder
+from vqcli.model.config import AutoEncoderConfig
+from vqcli.pipeline.decode import decode_array
+from vqcli.pipeline.encode import encode_array
+
 from . import metrics
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "vqcli.train-checkpoint"
+CHECKPOINT_FORMAT = TRAIN_CHECKPOINT_FORMAT
 
 # Architectures of the embedded models, trainable with ``vqcli train --preset NAME``.
-TRAIN_PRESETS: dict[str, AutoEncoderConfig] = {
-    # KL, f4, 4 latent channels: 12x fewer latent values than RGB values. ch 64 puts two channels in
-    # every GroupNorm group at full resolution; with ch 32 (one channel a group) the decoder's last
-    # norm removed each channel's image-wide mean, and with it the colour of large flat areas.
-    # No middle attention: at f4 a 512x512 image has 16,384 latent positions, and attention over all
-    # of them cost 137 GFLOP each in the encoder and the decoder, half the float32 time.
-    "default": AutoEncoderConfig(
-        kind="kl", ch=64, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=4, mid_attention=False, name="default"
-    ),
-    # VQ, f4, 1024 codes of dimension 4: 48x fewer codes than RGB values.
-    "default-vq": AutoEncoderConfig(
-        kind="vq", ch=64, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=4, n_embed=1024, name="default-vq"
-    ),
-}
+TRAIN_PRESETS: dict[str, AutoEncoderConfig] = {name: m.architecture for name, m in EMBEDDED.items()}
 
 
 @dataclass(frozen=True)
@@ -189,8 +183,6 @@ def _update_ema(ema: AutoEncoder, model: AutoEncoder, step: int, decay: float) -
 @torch.no_grad()
 def validate(model: AutoEncoder, images: Sequence[np.ndarray]) -> float:
     """Mean PSNR (dB, on [0, 1]) of full-image reconstructions, mode latents, fp32."""
-    from .pipeline import decode_array, encode_array  # the CLI's own path, padding and cropping
-
     model.eval()
     values = []
     for rgb in images:
@@ -380,15 +372,13 @@ def train(
     if trainer.step < opts.steps:
         return None
     model = trainer.finished_model(bank)
-    model.save(output)
+    save_native(model, output)
     return model
 
 
 def image_files(paths: Sequence[Path]) -> list[Path]:
     """Image files among ``paths`` (folders walked recursively), sorted for reproducibility; the
     unfinished writes of interrupted runs (temporary names) are not images to train on."""
-    from .images import is_image_path
-
     found: list[Path] = []
     for path in paths:
         if path.is_dir():

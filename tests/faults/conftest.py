@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _scaleout import save_model
 from PIL import Image
 
 from vqcli import AutoEncoder, AutoEncoderConfig
-from vqcli.fileio import TMP_PREFIX
-
-from _scaleout import save_model
+from vqcli.checkpoints.native import load_native
+from vqcli.io.atomic import TMP_PREFIX
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "sample_images"
@@ -181,7 +181,7 @@ def interrupt(proc: subprocess.Popen, timeout: float = 30) -> tuple[str, str, fl
 
 
 def load_model(path: Path) -> AutoEncoder:
-    return AutoEncoder.load(path).eval()
+    return load_native(path).eval()
 
 
 def model_input(rgb: np.ndarray) -> torch.Tensor:
@@ -191,7 +191,7 @@ def model_input(rgb: np.ndarray) -> torch.Tensor:
 
 def check_latents(out: Path, src: Path, model: AutoEncoder) -> int:
     """Every latent file in ``out`` is valid and holds the model's latent of its image; how many."""
-    from vqcli.latents import read_latent
+    from vqcli.io.latents import read_latent
 
     files = finals(out, "*.png.safetensors")
     for f in files:

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from vqcli.fileio import TMP_PREFIX
+from vqcli.io.atomic import TMP_PREFIX
 
 from .conftest import (
     check_latents,
@@ -77,7 +77,7 @@ def test_a_live_runs_temporary_file_is_never_removed(tmp_path, models, hook_dir)
 def test_sweep_removes_only_what_writers_that_are_gone_left(tmp_path):
     """Which temporary files a run removes, case by case (in-process, so the live writer is this
     process itself and the dead one a child that has exited)."""
-    from vqcli import fileio
+    from vqcli.io import atomic as fileio
 
     gone = subprocess.Popen(["true"])
     gone.wait()

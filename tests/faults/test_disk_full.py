@@ -24,10 +24,18 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from vqcli.cli import app
-from vqcli.fileio import TMP_PREFIX
-from vqcli.latents import read_latent
+from vqcli.io.atomic import TMP_PREFIX
+from vqcli.io.latents import read_latent
 
-from .conftest import TRAIN_TINY, assert_untouched, finals, image_folder, run, snapshot, temporaries
+from .conftest import (
+    TRAIN_TINY,
+    assert_untouched,
+    finals,
+    image_folder,
+    run,
+    snapshot,
+    temporaries,
+)
 
 runner = CliRunner()
 

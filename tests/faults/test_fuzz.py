@@ -21,18 +21,19 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
-from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 from PIL import Image
 from safetensors.torch import save_file
 
 from vqcli import AutoEncoder, AutoEncoderConfig
-from vqcli.checkpoints import load_checkpoint
+from vqcli.checkpoints.layouts import to_diffusers
+from vqcli.checkpoints.native import save_native
+from vqcli.checkpoints.read import load_checkpoint
 from vqcli.errors import FileError, VqcliError
-from vqcli.images import load_image
-from vqcli.latents import make_meta, read_latent, write_latent
-from vqcli.layouts import to_diffusers
-from vqcli.native import read_safetensors
+from vqcli.io.images import load_image
+from vqcli.io.latents import make_meta, read_latent, write_latent
+from vqcli.io.safetensors import read_safetensors
 
 SMALL_KL = AutoEncoderConfig(kind="kl", ch=32, ch_mult=(1,), num_res_blocks=1, z_channels=1)
 SMALL_VQ = AutoEncoderConfig(kind="vq", ch=32, ch_mult=(1,), num_res_blocks=1, z_channels=2, n_embed=8)
@@ -283,7 +284,7 @@ def test_latents_with_random_metadata_and_tensor(data, latent_files, tmp_path, b
 def checkpoint_files(tmp_path_factory, small_models):
     kl, vq = small_models
     d = tmp_path_factory.mktemp("fuzz-checkpoints")
-    kl.save(d / "native.safetensors")
+    save_native(kl, d / "native.safetensors")
     state = {k: v.detach().clone().contiguous() for k, v in vq.state_dict().items()}
     torch.save(state, d / "zip.ckpt")
     torch.save({"state_dict": state, "epoch": 3}, d / "legacy.ckpt", _use_new_zipfile_serialization=False)

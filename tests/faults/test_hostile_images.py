@@ -24,10 +24,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from vqcli import AutoEncoder, AutoEncoderConfig
+from vqcli.checkpoints.native import save_native
 from vqcli.cli import app
 from vqcli.errors import FileError
-from vqcli.images import DEFAULT_MAX_PIXELS, READ_FORMATS, load_image
-from vqcli.latents import read_latent
+from vqcli.io.images import DEFAULT_MAX_PIXELS, READ_FORMATS, load_image
+from vqcli.io.latents import read_latent
 
 from .conftest import run
 
@@ -72,7 +73,7 @@ EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n0 setgray 0 0 16 16 r
 def hostile_images(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile-images")
     torch.manual_seed(0)
-    AutoEncoder(KL).save(root / "kl.safetensors")
+    save_native(AutoEncoder(KL), root / "kl.safetensors")
     d = root / "images"
     d.mkdir()
     px = pixels()
@@ -146,7 +147,7 @@ def test_encode_over_a_folder_of_hostile_images(hostile_images):
 
 def test_max_pixels_option_refuses_above_and_can_be_raised(tmp_path):
     torch.manual_seed(0)
-    AutoEncoder(KL).save(tmp_path / "kl.safetensors")
+    save_native(AutoEncoder(KL), tmp_path / "kl.safetensors")
     d = tmp_path / "images"
     d.mkdir()
     Image.fromarray(pixels(30, 40)).save(d / "medium.png")  # 1,200 pixels
@@ -172,7 +173,7 @@ def test_a_lying_header_is_refused_before_anything_is_allocated(tmp_path):
     (tmp_path / "bomb.png").write_bytes(png_header_only(100_000, 100_000))
     script = f"""
 import json
-from vqcli.images import load_image
+from vqcli.io.images import load_image
 from vqcli.errors import FileError
 
 def peak_kb():

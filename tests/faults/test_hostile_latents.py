@@ -20,9 +20,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vqcli import AutoEncoder, AutoEncoderConfig
+from vqcli.checkpoints.native import save_native
 from vqcli.errors import FileError
-from vqcli.latents import make_meta, read_latent, write_latent
-from vqcli.pipeline import decode_array
+from vqcli.io.latents import make_meta, read_latent, write_latent
+from vqcli.pipeline.decode import decode_array
 
 from .conftest import run
 
@@ -69,7 +70,7 @@ def hostile(tmp_path_factory):
     file must be refused for."""
     root = tmp_path_factory.mktemp("hostile-latents")
     a, b = tiny_model(0), tiny_model(1)
-    a.save(root / "a.safetensors")
+    save_native(a, root / "a.safetensors")
     d = root / "latents"
     d.mkdir()
     good = {
@@ -200,7 +201,7 @@ def test_metadata_never_names_the_output(hostile, tmp_path):
     """The library's view of the same files: ``source`` is kept as information only."""
     latent = read_latent(hostile["folder"] / "steer-rel.png.safetensors")
     assert latent.meta.source == hostile["escapes"][0]
-    from vqcli.pipeline import latent_jobs
+    from vqcli.pipeline.jobs import latent_jobs
 
     jobs = list(latent_jobs([hostile["folder"]], tmp_path / "out", "png"))
     outputs = {Path(j.output) for j in jobs}
@@ -214,7 +215,7 @@ def test_a_bad_header_is_refused_before_the_tensor_is_read(hostile, tmp_path, mo
     path = tmp_path / "big.png.safetensors"
     path.write_bytes((hostile["folder"] / "good1.png.safetensors").read_bytes())
     rewrite(path, torch.zeros(4, 1024, 2048))
-    import vqcli.latents as lat
+    import vqcli.io.latents as lat
 
     def must_not_read(*a, **k):
         raise AssertionError("the tensor was read")

@@ -23,8 +23,9 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from vqcli import AutoEncoder, AutoEncoderConfig
-from vqcli.autoencoder import FORMAT, FORMAT_VERSION
-from vqcli.checkpoints import TRAIN_CHECKPOINT_FORMAT, load_checkpoint, save_diffusers
+from vqcli.checkpoints.convert import save_diffusers
+from vqcli.checkpoints.native import FORMAT, FORMAT_VERSION, save_native
+from vqcli.checkpoints.read import TRAIN_CHECKPOINT_FORMAT, load_checkpoint
 from vqcli.cli import app
 from vqcli.errors import FileError
 
@@ -81,7 +82,7 @@ def weights_folder(tmp_path_factory, model, state):
     d = root / "weights"
     d.mkdir()
     marker = root / "pwned"
-    model.save(d / "good.safetensors")
+    save_native(model, d / "good.safetensors")
     good = (d / "good.safetensors").read_bytes()
     n = struct.unpack("<Q", good[:8])[0]
     header = json.loads(good[8 : 8 + n])

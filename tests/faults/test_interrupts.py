@@ -22,24 +22,25 @@ import torch
 from PIL import Image
 
 from vqcli import AutoEncoder
-from vqcli.checkpoints import load_checkpoint
-from vqcli.images import written_by_vqcli
-from vqcli.latents import read_latent
-from vqcli.pipeline import EncodeOptions, encode_files
-from vqcli.models import model_ref
-from vqcli.overlap import WRITE_DEPTH
+from vqcli.checkpoints.load import model_ref
+from vqcli.checkpoints.native import load_native
+from vqcli.checkpoints.read import load_checkpoint
+from vqcli.io.images import written_by_vqcli
+from vqcli.io.latents import read_latent
+from vqcli.pipeline.encode import EncodeOptions, encode_files
+from vqcli.pipeline.overlap import WRITE_DEPTH
 
 from .conftest import (
     KL,
     TRAIN_TINY,
     assert_untouched,
     check_latents,
-    load_model,
     finals,
     hook_env,
     image_folder,
     interrupt,
     kill,
+    load_model,
     run,
     save_model,
     snapshot,
@@ -192,10 +193,10 @@ def test_train_killed_and_interrupted_resumes_to_the_same_model(tmp_path, hook_d
     logged = [int(m) for m in re.findall(r"^step (\d+)/", p.stderr, re.M)]
     assert logged[0] == step + 1 and logged[-1] == steps  # only what was missing
     assert temporaries(out.parent) == []
-    resumed = AutoEncoder.load(out)
+    resumed = load_native(out)
     p = run(*[a if a != out else tmp_path / "ref.safetensors" for a in base])
     assert p.returncode == 0, p.stderr
-    reference = AutoEncoder.load(tmp_path / "ref.safetensors")
+    reference = load_native(tmp_path / "ref.safetensors")
     assert resumed.identity() == reference.identity()
 
 

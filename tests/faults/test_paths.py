@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from vqcli.cli import app
-from vqcli.latents import read_latent
+from vqcli.io.latents import read_latent
 
 from .conftest import finals, image_folder, photo, run, snapshot, write_image
 
@@ -175,7 +175,7 @@ def test_names_after_double_dash(tmp_path, models, monkeypatch):
 def test_training_skips_what_an_interrupted_run_left(tmp_path):
     """A folder that a killed decode wrote into holds a half-written image under a temporary name:
     training data is the finished images only (encode and decode skip such names too)."""
-    from vqcli.fileio import TMP_PREFIX
+    from vqcli.io.atomic import TMP_PREFIX
     from vqcli.train import image_files
 
     data = image_folder(tmp_path / "data", 2, size=16, sub_every=1)

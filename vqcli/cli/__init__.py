@@ -6,14 +6,17 @@ the order ``vqcli --help`` lists them.
 
 from __future__ import annotations
 
-from ._app import app, main  # noqa: F401
+from vqcli.cli._app import app, main
 
-from . import encode as _encode  # noqa: F401,E402,I001
-from . import decode as _decode  # noqa: F401,E402
-from . import roundtrip as _roundtrip  # noqa: F401,E402
-from . import features as _features  # noqa: F401,E402
-from . import info as _info  # noqa: F401,E402
-from . import convert as _convert  # noqa: F401,E402
-from . import train as _train  # noqa: F401,E402
+# isort: off
+# (imported for their commands, in the order of `vqcli --help`)
+from vqcli.cli import encode as _encode  # noqa: F401
+from vqcli.cli import decode as _decode  # noqa: F401
+from vqcli.cli import roundtrip as _roundtrip  # noqa: F401
+from vqcli.cli import features as _features  # noqa: F401
+from vqcli.cli import info as _info  # noqa: F401
+from vqcli.cli import convert as _convert  # noqa: F401
+from vqcli.cli import train as _train  # noqa: F401
+# isort: on
 
 __all__ = ["app", "main"]

@@ -9,10 +9,10 @@ import signal
 from typing import Callable
 
 import typer
-from rich.markup import escape
 from rich.console import Console
+from rich.markup import escape
 
-from ..errors import UsageError, VqcliError
+from vqcli.errors import UsageError, VqcliError
 
 app = typer.Typer(
     name="vqcli",

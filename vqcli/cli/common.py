@@ -15,11 +15,24 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
-from ..pipeline import DONE, FAILED, SKIPPED, FileResult, StopRun
-from ._app import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, err_console, out_console
+from vqcli.cli._app import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    err_console,
+    out_console,
+)
+from vqcli.pipeline.results import DONE, FAILED, SKIPPED, FileResult, StopRun
 
 # --- options --------------------------------------------------------------------------------------
 
@@ -77,8 +90,8 @@ MaxMemoryOpt = Annotated[
 
 def parse_max_memory(text: str | None) -> int | None:
     """--max-memory to bytes (a ``UsageError`` for a value that is not a size)."""
-    from ..errors import UsageError
-    from ..tiling import parse_size
+    from vqcli.errors import UsageError
+    from vqcli.speed.budget import parse_size
 
     if text is None:
         return None
@@ -100,7 +113,7 @@ MaxPixelsOpt = Annotated[
 
 def setup_device(device: str, dtype: str):
     """Parse --device and --dtype (a ``UsageError`` naming what is wrong)."""
-    from ..devices import resolve_device, resolve_dtype
+    from vqcli.speed.devices import resolve_device, resolve_dtype
 
     torch_device = resolve_device(device)
     return torch_device, resolve_dtype(dtype, torch_device)
@@ -109,7 +122,7 @@ def setup_device(device: str, dtype: str):
 def settle_dtype(model, device, dtype):
     """The dtype to compute ``model`` in: ``dtype`` as given, or for ``--dtype auto`` (None) the one
     ``accel.choose_dtype`` measures as fastest within 40 dB of float32, said on stderr."""
-    from ..accel import choose_dtype
+    from vqcli.speed.precision import choose_dtype
 
     if dtype is not None:
         return dtype

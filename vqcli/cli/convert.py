@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ._app import app, err_console, handle_errors, out_console
+from vqcli.cli._app import app, err_console, handle_errors, out_console
 
 
 class Target(str, Enum):
@@ -46,7 +46,8 @@ def convert(
 
     The weights are copied exactly; only names and attention-weight shapes change between layouts.
     """
-    from ..checkpoints import convert_checkpoint, describe
+    from vqcli.checkpoints.convert import convert_checkpoint
+    from vqcli.model.config import describe
 
     model, written = convert_checkpoint(
         src,
@@ -80,9 +81,9 @@ def convert(
 @handle_errors
 def models(as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout.")) -> None:
     """List the model presets (latent conventions of known families) and the embedded models."""
-    from ..checkpoints import describe
-    from ..errors import VqcliError
-    from ..presets import EMBEDDED, PRESETS, embedded_config
+    from vqcli.checkpoints.registry import EMBEDDED, PRESETS, embedded_config
+    from vqcli.errors import VqcliError
+    from vqcli.model.config import describe
 
     presets = [
         {

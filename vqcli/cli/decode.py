@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._app import app, err_console, handle_errors
-from .common import (
+from vqcli.cli._app import app, err_console, handle_errors
+from vqcli.cli.common import (
     BatchOpt,
     CompileOpt,
     DeviceOpt,
@@ -27,8 +27,7 @@ from .common import (
     settle_dtype,
     setup_device,
 )
-from .scale import FromManifestOpt, ManifestOpt, Scale, ShardOpt, run
-
+from vqcli.cli.scale import FromManifestOpt, ManifestOpt, Scale, ShardOpt, run
 
 HELP = help_text(
     """
@@ -80,8 +79,9 @@ def decode(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    from ..models import resolve_model
-    from ..pipeline import DecodeOptions, ModelChooser, block_size, count_selected, decode_files, latent_source
+    from vqcli.checkpoints.load import resolve_model
+    from vqcli.pipeline.decode import DecodeOptions, ModelChooser, decode_files
+    from vqcli.pipeline.selection import block_size, count_selected, latent_source
 
     scale = Scale(inputs, output, shard=shard, manifest=manifest, from_manifest=from_manifest)
     fmt = fmt.lower().lstrip(".")

@@ -7,9 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..images import DEFAULT_MAX_PIXELS
-from ._app import app, handle_errors
-from .common import (
+from vqcli.cli._app import app, handle_errors
+from vqcli.cli.common import (
     BatchOpt,
     CompileOpt,
     DeviceOpt,
@@ -29,9 +28,15 @@ from .common import (
     settle_dtype,
     setup_device,
 )
-from .scale import FromManifestOpt, ManifestOpt, Scale, ShardOpt, TarOutputOpt, run
-
-
+from vqcli.cli.scale import (
+    FromManifestOpt,
+    ManifestOpt,
+    Scale,
+    ShardOpt,
+    TarOutputOpt,
+    run,
+)
+from vqcli.io.images import DEFAULT_MAX_PIXELS
 
 HELP = help_text(
     """
@@ -101,8 +106,9 @@ def encode(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    from ..models import model_ref, resolve_model
-    from ..pipeline import EncodeOptions, block_size, count_selected, encode_files, image_source
+    from vqcli.checkpoints.load import model_ref, resolve_model
+    from vqcli.pipeline.encode import EncodeOptions, encode_files
+    from vqcli.pipeline.selection import block_size, count_selected, image_source
 
     scale = Scale(inputs, output, shard=shard, manifest=manifest, from_manifest=from_manifest)
     torch_device, torch_dtype = setup_device(device, dtype)

@@ -9,9 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..images import DEFAULT_MAX_PIXELS
-from ._app import app, fail, handle_errors, out_console
-from .common import (
+from vqcli.cli._app import app, fail, handle_errors, out_console
+from vqcli.cli.common import (
     DeviceOpt,
     JsonOpt,
     MaxPixelsOpt,
@@ -19,11 +18,13 @@ from .common import (
     OverwriteOpt,
     PresetOpt,
     QuietOpt,
+    dtype_name,
     epilog,
     help_text,
     settle_dtype,
     setup_device,
 )
+from vqcli.io.images import DEFAULT_MAX_PIXELS
 
 HELP = help_text(
     """
@@ -33,7 +34,7 @@ HELP = help_text(
     OUTPUT (default: IMAGE-NAME.features in the current folder):
 
     features.safetensors: every layer's feature map (C, H, W), keys like encoder.conv_in,
-    encoder.down0_block0, decoder.up1_block0 (--dtype float16 halves the size);
+    encoder.down0_block0, decoder.up1_block0 (--save-dtype float16 halves the size);
     layers/KEY.png: the layer's most active channels (largest mean |activation|) as a labelled
     grid; overview.png: all layers side by side.
 
@@ -46,7 +47,7 @@ HELP = help_text(
     help=HELP,
     epilog=epilog(
         "vqcli features sample_images/astronaut.png",
-        "vqcli features photo.jpg -o feats --layers 'down*' --layers 'mid*' --dtype float16",
+        "vqcli features photo.jpg -o feats --layers 'down*' --layers 'mid*' --save-dtype float16",
         "vqcli features photo.jpg --model default-vq --json",
     ),
 )
@@ -59,8 +60,8 @@ def features(
         Optional[list[str]],
         typer.Option("--layers", "-l", help="Only layers matching this glob (repeatable), e.g. 'down*', 'decoder.up1*'."),
     ] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="Stored maps: float32, float16 or bfloat16.")] = "float32",
-    compute_dtype: Annotated[str, typer.Option("--compute-dtype", help="Compute precision (as --dtype of encode).")] = "float32",
+    save_dtype: Annotated[str, typer.Option("--save-dtype", help="Dtype of the saved maps: float32, float16 or bfloat16.")] = "float32",
+    dtype: Annotated[str, typer.Option("--dtype", help="Compute precision, as for every command: float32, bfloat16, float16 or auto.")] = "float32",
     channels: Annotated[int, typer.Option("--channels", min=1, help="Channels shown per layer picture.")] = 16,
     device: DeviceOpt = "auto",
     preset: PresetOpt = None,
@@ -69,13 +70,21 @@ def features(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    from ..devices import DTYPES
-    from ..features import extract_features, layer_grid, layer_stats, overview, save_features, save_png, select_layers
-    from ..images import load_image
-    from ..models import model_ref, resolve_model
+    from vqcli.checkpoints.load import model_ref, resolve_model
+    from vqcli.io.images import load_image
+    from vqcli.pipeline.features import (
+        extract_features,
+        layer_grid,
+        layer_stats,
+        overview,
+        save_features,
+        save_png,
+        select_layers,
+    )
+    from vqcli.speed.devices import DTYPES
 
-    if dtype not in DTYPES:
-        raise fail(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if save_dtype not in DTYPES:
+        raise fail(f"--save-dtype must be one of {', '.join(DTYPES)}, not {save_dtype!r}")
     if not image.exists():
         raise fail(f"{image}: no such file")
     out = output if output is not None else Path(f"{image.name}.features")
@@ -84,7 +93,7 @@ def features(
         existing = [p for p in targets if p.exists()]
         if existing:
             raise fail(f"{existing[0]}: already exists (use --overwrite to replace it)")
-    torch_device, torch_dtype = setup_device(device, compute_dtype)
+    torch_device, torch_dtype = setup_device(device, dtype)
     ae = resolve_model(model, device=torch_device, dtype=torch_dtype, preset=preset)
     torch_dtype = settle_dtype(ae, torch_device, torch_dtype)
     rgb = load_image(image, max_pixels=max_pixels or None)
@@ -95,7 +104,7 @@ def features(
     height, width = rgb.shape[:2]
     meta = {"source": image.name, "width": str(width), "height": str(height), "model": model_ref(model).name,
             "model_sha256": ae.identity()}
-    save_features(out / "features.safetensors", maps, dtype=DTYPES[dtype], metadata=meta, overwrite=True)
+    save_features(out / "features.safetensors", maps, dtype=DTYPES[save_dtype], metadata=meta, overwrite=True)
     rows = []
     for key, t in maps.items():
         png = out / "layers" / f"{key}.png"
@@ -111,7 +120,8 @@ def features(
             "model": {"name": model_ref(model).name, "sha256": ae.identity(), "kind": ae.config.kind},
             "features": str(out / "features.safetensors"),
             "overview": str(out / "overview.png"),
-            "dtype": dtype,
+            "save_dtype": save_dtype,
+            "dtype": dtype_name(torch_dtype),
             "layers": rows,
         }
         out_console.print_json(json.dumps(summary))

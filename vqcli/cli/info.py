@@ -9,8 +9,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ._app import EXIT_OK, EXIT_SOME_FAILED, app, err_console, handle_errors, out_console
-from .common import JsonOpt, epilog, help_text
+from vqcli.cli._app import (
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    app,
+    err_console,
+    handle_errors,
+    out_console,
+)
+from vqcli.cli.common import JsonOpt, epilog, help_text
 
 HELP = help_text(
     """
@@ -43,8 +50,8 @@ def info(
     files: Annotated[list[Path], typer.Argument(metavar="FILE...", help="Files to describe.", show_default=False)],
     as_json: JsonOpt = False,
 ) -> None:
-    from ..errors import FileError
-    from ..fileinfo import describe
+    from vqcli.errors import FileError
+    from vqcli.pipeline.fileinfo import describe
 
     described, failures = [], []
     for path in files:

@@ -9,9 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..images import DEFAULT_MAX_PIXELS
-from ._app import app, handle_errors, out_console
-from .common import (
+from vqcli.cli._app import app, handle_errors, out_console
+from vqcli.cli.common import (
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
@@ -26,7 +25,8 @@ from .common import (
     settle_dtype,
     setup_device,
 )
-from .scale import FromManifestOpt, ManifestOpt, Scale, ShardOpt, run
+from vqcli.cli.scale import FromManifestOpt, ManifestOpt, Scale, ShardOpt, run
+from vqcli.io.images import DEFAULT_MAX_PIXELS
 
 HELP = help_text(
     """
@@ -67,9 +67,10 @@ def roundtrip(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    from ..models import model_ref, resolve_model
-    from ..pipeline import DONE, count_selected, image_source
-    from ..roundtrip import roundtrip_files, roundtrip_name
+    from vqcli.checkpoints.load import model_ref, resolve_model
+    from vqcli.pipeline.results import DONE
+    from vqcli.pipeline.roundtrip import roundtrip_files, roundtrip_name
+    from vqcli.pipeline.selection import count_selected, image_source
 
     scale = Scale(inputs, output, shard=shard, manifest=manifest, from_manifest=from_manifest)
     torch_device, torch_dtype = setup_device(device, dtype)

@@ -3,7 +3,7 @@
 What the computing commands share for it: the options, and ``Scale``, which knows this
 process's share, joins the other processes, records the manifest and, at the end, gathers
 every process's summary so that rank 0 prints the whole run's and exits with its code. The
-work itself is the pipeline's (``vqcli.pipeline.Selection``).
+work itself is the pipeline's (``vqcli.pipeline.selection.Selection``).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ..errors import UsageError
-from ..pipeline import FileResult, StopRun
-from ._app import err_console
-from .common import RunReport, last_results, stopped
+from vqcli.cli._app import err_console
+from vqcli.cli.common import RunReport, last_results, stopped
+from vqcli.errors import UsageError
+from vqcli.pipeline.results import FileResult, StopRun
 
 ShardOpt = Annotated[
     Optional[str],
@@ -74,8 +74,8 @@ class Scale:
         manifest: bool | None = None,
         from_manifest: Path | None = None,
     ):
-        from .. import distributed, shards
-        from ..pipeline import check_inputs
+        from vqcli.pipeline import distributed, shards
+        from vqcli.pipeline.jobs import check_inputs
 
         self.output = output
         self.ctx = distributed.context_from_env()
@@ -102,21 +102,21 @@ class Scale:
 
     def start(self, device):
         """Join the other processes; this process's device (``cuda`` -> ``cuda:LOCAL_RANK``) and threads."""
-        from .. import distributed
+        from vqcli.pipeline import distributed
 
         distributed.start(self.ctx)
         distributed.split_threads(self.ctx)
         return distributed.place(self.ctx, device)
 
     def selection(self):
-        from ..manifest import read_entries
-        from ..pipeline import Selection
+        from vqcli.io.manifest import read_entries
+        from vqcli.pipeline.selection import Selection
 
         entries = (lambda: read_entries(self.from_manifest)) if self.from_manifest is not None else None
         return Selection(share=self.share, entries=entries, listed=self._listed)
 
     def _listed(self, digest: str, count: int) -> None:
-        from .. import distributed
+        from vqcli.pipeline import distributed
 
         self.digest = digest
         distributed.check_same(
@@ -129,13 +129,13 @@ class Scale:
     def same(self, value: Any) -> Any:
         """Rank 0's ``value`` on every process (a choice that must be the same everywhere, such
         as the dtype ``--dtype auto`` measures)."""
-        from .. import distributed
+        from vqcli.pipeline import distributed
 
         return distributed.from_main(self.ctx, value) if self.ctx.active else value
 
     def seed(self, sample: bool, seed: int | None) -> int | None:
         """The seed of ``--sample``: one for all processes (rank 0's draw when none is given)."""
-        from .. import distributed
+        from vqcli.pipeline import distributed
 
         if not sample or seed is not None:
             return seed
@@ -147,9 +147,9 @@ class Scale:
         """--max-memory's default, shared among the processes that share this machine's memory."""
         if budget is not None or self.ctx.local_world == 1 or device.type != "cpu":
             return budget
-        from ..tiling import default_budget
+        from vqcli.speed.budget import default_budget
 
-        return max(1, default_budget() // self.ctx.local_world)
+        return max(1, default_budget(device) // self.ctx.local_world)
 
     def report(self, command: str, *, quiet: bool, as_json: bool, **kw) -> RunReport:
         """The run report: progress and summary on rank 0 only; failures on each process's stderr."""
@@ -164,7 +164,7 @@ class Scale:
     def begin(self) -> None:
         """Start this process's part of the manifest, when there is one (even if it stays empty)."""
         if self.record:
-            from ..manifest import Recorder
+            from vqcli.io.manifest import Recorder
 
             index, count = (self.share.index, self.share.count) if self.share is not None else (0, 1)
             self.recorder = Recorder(self.output, index, count)
@@ -172,7 +172,7 @@ class Scale:
     def add(self, report: RunReport, result: FileResult) -> None:
         """Count ``result`` in ``report`` and record it in the manifest when there is one."""
         if self.recorder is not None:
-            from ..pipeline import entry_of
+            from vqcli.pipeline.sources import entry_of
 
             self.recorder.add(entry_of(result, self.output))
         report.add(result)
@@ -195,7 +195,7 @@ class Scale:
     ) -> None:
         """End of the run: the manifest, then (several processes) every process's summary into
         ``report``; ``gather()``'s value of every process goes to ``combine`` (e.g. per-image rows)."""
-        from .. import distributed
+        from vqcli.pipeline import distributed
 
         self.finish_manifest()
         states = [self._state(report, gather)]
@@ -246,8 +246,8 @@ class Scale:
             return code
         import sys
 
-        from .. import distributed
-        from ._app import EXIT_OK, EXIT_SOME_FAILED
+        from vqcli.cli._app import EXIT_OK, EXIT_SOME_FAILED
+        from vqcli.pipeline import distributed
 
         sys.stdout.flush()
         sys.stderr.flush()
@@ -287,12 +287,14 @@ def run(report: RunReport, results: Iterable[FileResult], scale: Scale, **finish
     print the summary and exit with the whole run's code (rank 0; see ``Scale.exit_code``).
 
     Ctrl-C stops the run between files: what was finished stays finished and is in the manifest.
+    The heap is tuned for the run (``speed.heap.fast_allocator``): it stays paged in between files.
     """
-    from .. import distributed
+    from vqcli.pipeline import distributed
+    from vqcli.speed.heap import fast_allocator
 
     try:
         try:
-            with report:
+            with report, fast_allocator():
                 scale.begin()
                 for result in results:
                     scale.add(report, result)

@@ -8,9 +8,22 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
-from ._app import EXIT_INTERRUPTED, app, err_console, fail, handle_errors, out_console
+from vqcli.cli._app import (
+    EXIT_INTERRUPTED,
+    app,
+    err_console,
+    fail,
+    handle_errors,
+    out_console,
+)
 
 
 def _parse_mult(text: str) -> tuple[int, ...]:
@@ -78,11 +91,11 @@ def train(
     (+ KL or codebook terms); AdamW with warm-up and cosine decay; checkpoints every
     --checkpoint-every steps, resumable with --resume.
     """
-    from ..autoencoder import AutoEncoderConfig
-    from ..errors import ConfigError
-    from ..devices import cpu_has_native_bf16, resolve_device
-    from ..train import TRAIN_PRESETS, TrainOptions, image_files
-    from ..train import train as run_training
+    from vqcli.errors import ConfigError
+    from vqcli.model.config import AutoEncoderConfig
+    from vqcli.speed.devices import cpu_has_native_bf16, resolve_device
+    from vqcli.train import TRAIN_PRESETS, TrainOptions, image_files
+    from vqcli.train import train as run_training
 
     if output.exists() and not overwrite and not resume:
         raise fail(f"{output}: already exists (use --overwrite to replace it)")

@@ -1,0 +1,306 @@
+"""Image files in and out, for every image a user owns.
+
+Reading always gives RGB as float32 in [0, 1], shape (H, W, 3), whatever the file holds:
+
+- EXIF orientation is applied, so the image is upright as viewers show it;
+- animated images (GIF, APNG, WebP, multi-page TIFF) give their first frame;
+- transparency (RGBA, LA, palette with a transparent colour) is composited over white;
+- greyscale is repeated over the three channels; CMYK, YCbCr, LAB and HSV are converted by Pillow;
+- 16-bit greyscale images keep their precision (scaled by 1/65535); 16-bit colour images are
+  reduced to 8 bits per channel by Pillow (the models see 8-bit images in training anyway);
+  32-bit float images are taken as [0, 1] and clipped, 32-bit integer images as 16-bit.
+
+A file's format is found from its content, never from its name: a PNG named ``.jpg`` is read as
+the PNG it is. Only the formats listed in ``READ_FORMATS`` are tried (those of
+``IMAGE_EXTENSIONS``), whatever else Pillow could open: a file of another format (EPS, which
+Pillow hands to Ghostscript; PSD, PCX...) is refused, its format named ("an image in the PCX
+format, which vqcli does not read"), whatever its name. The extension only decides which files a folder walk takes.
+
+Hostile files: images of more than ``max_pixels`` pixels (Pillow's decompression-bomb limit by
+default, ``--max-pixels`` on the command line) are refused from their header, before any pixel is
+decoded, with the size in the message; truncated or corrupt files of any format (whichever of
+the errors in ``_DECODER_ERRORS`` the decoder raises) are a ``FileError`` naming the file. Pillow's
+warnings about damaged files (corrupt EXIF, say) are not shown.
+
+Writing marks each image as vqcli's (EXIF ``Software`` tag), so that a later run can tell the
+images it decoded, which it may replace, from anyone else's, which it never replaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import stat
+import struct
+import threading
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vqcli.errors import FileError, first_line
+from vqcli.io.atomic import atomic_path
+
+IMAGE_EXTENSIONS = frozenset(
+    ".png .jpg .jpeg .jpe .jfif .webp .bmp .dib .gif .tif .tiff .ppm .pgm .pbm .pnm .tga .ico .qoi".split()
+)
+
+
+OUTPUT_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+
+
+# The file-name extensions each output format is known by.
+FORMAT_EXTENSIONS = {"png": (".png",), "jpg": (".jpg", ".jpeg", ".jpe", ".jfif"), "webp": (".webp",)}
+SOFTWARE_TAG = 0x0131  # EXIF "Software"
+SOFTWARE = "vqcli"
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
+# The Pillow formats of IMAGE_EXTENSIONS, the only ones tried when a file is opened ("JPEG" covers
+# the multi-picture JPEGs (MPO) cameras write; "PPM" the .pgm, .pbm and .pnm variants).
+READ_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "DIB", "GIF", "TIFF", "PPM", "TGA", "ICO", "QOI")
+
+
+# What Pillow's plugins and decoders raise on damaged data (besides OSError, their usual one): each
+# is that file's FileError. Types that would rather mean a bug in vqcli (TypeError, AttributeError)
+# are left out, so that a bug is not dressed up as a damaged file.
+_DECODER_ERRORS = (
+    OSError, SyntaxError, ValueError, EOFError, MemoryError, struct.error, zlib.error, IndexError,
+    ZeroDivisionError, OverflowError,
+)
+
+
+def is_image_path(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an image file as RGB float32 in [0, 1], shape (H, W, 3), or raise ``FileError``.
+
+    Images of more than ``max_pixels`` pixels are refused from their header, before their pixels
+    are decoded (``None`` lifts the limit). Safe to call from several threads at once.
+    """
+    path = Path(path)
+    _refuse_special(path)
+    return _load(path, path, max_pixels)
+
+
+def _refuse_special(path: Path) -> None:
+    """A pipe, socket or device named like an image would block the read, or never end: refused."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # the open that follows says what is wrong
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise FileError(path, "not a regular file (a pipe, socket or device); not read")
+
+
+def load_image_bytes(data: bytes, path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """An image held in memory (an archive's member, say), read exactly as ``load_image`` reads a
+    file, with the same checks; errors name ``path``."""
+    return _load(io.BytesIO(data), Path(path), max_pixels)
+
+
+def _load(source: Path | io.BytesIO, path: Path, max_pixels: int | None) -> np.ndarray:
+    _allow_pillow(max_pixels)
+    try:
+        with _pillow_warnings_off():
+            with _open_unchecked(source) as im:
+                _check_size(path, im.size, max_pixels)
+                im.seek(0)
+                im.load()
+                # a container (an ICO's embedded PNG) may hold a larger image than its header said
+                _check_size(path, im.size, max_pixels)
+                return _to_rgb_float(ImageOps.exif_transpose(im))
+    except FileError:
+        raise
+    except IsADirectoryError:
+        raise FileError(path, "is a folder, not an image") from None
+    except FileNotFoundError:
+        raise FileError(path, "no such file") from None
+    except PermissionError:
+        raise FileError(path, "permission denied") from None
+    except UnidentifiedImageError:
+        if _is_empty(source):
+            raise FileError(path, "empty file (0 bytes), not an image") from None
+        other = _other_format(source)
+        if other is not None:
+            raise FileError(
+                path, f"an image in the {other} format, which vqcli does not read (it reads {', '.join(READ_FORMATS)})"
+            ) from None
+        raise FileError(path, "not an image (or a format Pillow cannot read)") from None
+    except Image.DecompressionBombError as e:
+        raise FileError(path, f"{first_line(e)}; raise the limit with --max-pixels") from None
+    except _DECODER_ERRORS as e:
+        raise FileError(path, f"cannot decode image ({first_line(e)[:200]})") from None
+
+
+def _other_format(source: Path | io.BytesIO) -> str | None:
+    """The format Pillow finds in a file vqcli does not read (its header only is parsed), if any."""
+    try:
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+        with _pillow_warnings_off(), _open_unchecked(source, formats=None) as im:
+            return im.format
+    except Exception:  # noqa: BLE001 - only to name the format in a message; anything else: unknown
+        return None
+
+
+def _is_empty(source: Path | io.BytesIO) -> bool:
+    try:
+        return source.stat().st_size == 0 if isinstance(source, Path) else not source.getbuffer().nbytes
+    except OSError:
+        return False
+
+
+def _check_size(path: Path, size: tuple[int, int], max_pixels: int | None) -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise FileError(path, f"image has no pixels ({width}x{height})")
+    if max_pixels is not None and width * height > max_pixels:
+        raise FileError(path, _too_large(width, height, max_pixels))
+
+
+def _too_large(width: int, height: int, max_pixels: int) -> str:
+    return (
+        f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
+        "(a decompression bomb?); raise it with --max-pixels"
+    )
+
+
+
+
+_pillow_lock = threading.Lock()
+
+
+def _open_unchecked(path: Path | io.BytesIO, formats: tuple[str, ...] | None = READ_FORMATS) -> Image.Image:
+    """``Image.open`` (which reads the header only) without Pillow's bomb check, so that ours can
+    name the image's size. Pillow's limit is a process-wide setting: it is lifted only for the
+    duration of the header parse, under a lock."""
+    with _pillow_lock:
+        old = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(path, formats=formats)
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
+
+
+_quiet_lock = threading.Lock()
+_quiet: list = []  # [the catch_warnings context, the number of loads in progress]
+
+
+@contextlib.contextmanager
+def _pillow_warnings_off():
+    """Pillow's warnings (corrupt EXIF, an ICO not of the size it said, decompression bombs) are not
+    shown while images load: a damaged file gets its one-line error, or loads, and nothing else.
+
+    ``warnings.catch_warnings`` is process-wide and not thread-safe when nested from several
+    threads, so the first load in progress installs the filter and the last one restores the
+    warnings as they were.
+    """
+    with _quiet_lock:
+        if not _quiet:
+            context = warnings.catch_warnings()
+            context.__enter__()
+            warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            _quiet.extend([context, 0])
+        _quiet[1] += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet[1] -= 1
+            if _quiet[1] == 0:
+                context = _quiet[0]
+                _quiet.clear()
+                context.__exit__(None, None, None)
+
+
+def _allow_pillow(max_pixels: int | None) -> None:
+    """Raise Pillow's own bomb limit (a process-wide setting) to at least ``max_pixels``.
+
+    Only ever raised, never lowered, so that threads loading at once cannot undo each other; our
+    own check in ``load_image`` is what enforces the limit each caller asked for.
+    """
+    with _pillow_lock:
+        current = Image.MAX_IMAGE_PIXELS
+        if current is None:
+            return
+        if max_pixels is None:
+            Image.MAX_IMAGE_PIXELS = None
+        elif max_pixels > current:
+            Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def _to_rgb_float(im: Image.Image) -> np.ndarray:
+    mode = im.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        grey = np.asarray(im, dtype=np.float64) / 65535.0
+        return _grey_to_rgb(np.clip(grey, 0.0, 1.0))
+    if mode == "F":
+        grey = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=1.0, neginf=0.0)
+        return _grey_to_rgb(np.clip(grey, 0.0, 1.0))
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode in ("P", "L", "RGB") and "transparency" in im.info)
+    if has_alpha:
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
+        alpha = rgba[..., 3:4]
+        return np.ascontiguousarray(rgba[..., :3] * alpha + (1.0 - alpha), dtype=np.float32)
+    if mode in ("L", "1"):
+        return _grey_to_rgb(np.asarray(im.convert("L"), dtype=np.float32) / 255.0)
+    return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
+    return np.repeat(grey.astype(np.float32)[..., None], 3, axis=2)
+
+
+def to_uint8(rgb: np.ndarray) -> np.ndarray:
+    """[0, 1] float (H, W, 3) to uint8, rounding to nearest."""
+    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+
+
+def save_image(
+    rgb: np.ndarray,
+    path: str | os.PathLike,
+    *,
+    fmt: str = "png",
+    quality: int = 95,
+    overwrite: bool = False,
+    mark: bool = True,
+) -> None:
+    """Write a [0, 1] float or uint8 (H, W, 3) image atomically.
+
+    With ``mark`` the file carries vqcli's EXIF ``Software`` tag (see ``written_by_vqcli``).
+    """
+    pil_format = OUTPUT_FORMATS[fmt]
+    pixels = rgb if rgb.dtype == np.uint8 else to_uint8(rgb)
+    image = Image.fromarray(pixels) if pixels.ndim == 3 else Image.fromarray(pixels)
+    options: dict = {"quality": quality} if pil_format in ("JPEG", "WEBP") else {}
+    if mark:
+        exif = Image.Exif()
+        exif[SOFTWARE_TAG] = SOFTWARE
+        options["exif"] = exif
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        image.save(tmp, format=pil_format, **options)
+
+
+def written_by_vqcli(path: str | os.PathLike) -> bool:
+    """True when ``path`` is an image that ``save_image`` wrote (it reads the header only)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                software = im.getexif().get(SOFTWARE_TAG)
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
+    return isinstance(software, str) and software.split(" ")[0] == SOFTWARE
+
+
+def format_matches(path: str | os.PathLike, fmt: str) -> bool:
+    """Whether the file name's extension is one the output format ``fmt`` is known by."""
+    return Path(path).suffix.lower() in FORMAT_EXTENSIONS[fmt]

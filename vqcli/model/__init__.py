@@ -1,0 +1,1 @@
+"""The network alone: blocks, Encoder/Decoder, quantizers, the architecture config and the autoencoder wrapper."""

@@ -1,0 +1,208 @@
+"""``encode_files``: images to latent files."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import os
+import secrets
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+
+from vqcli.checkpoints.load import ModelRef
+from vqcli.errors import FileError, UsageError
+from vqcli.io import latents as lat
+from vqcli.io import tarfiles as tario
+from vqcli.io.images import DEFAULT_MAX_PIXELS
+from vqcli.io.padding import pad_to_multiple, to_model_input
+from vqcli.model.autoencoder import AutoEncoder
+from vqcli.pipeline.batching import Item, _compute_and_write, _run, _write, each_job
+from vqcli.pipeline.jobs import check_inputs, encoded_name
+from vqcli.pipeline.results import FAILED, SKIPPED, FileResult, Job, TarJob, _from_error
+from vqcli.pipeline.selection import Selection, block_size, image_source, select_jobs
+from vqcli.pipeline.sources import (
+    check_existing,
+    expand_tars,
+    load_job_image,
+    member_jobs,
+)
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    batch_size: int = 1
+    sample: bool = False  # KL: a draw from the latent distribution instead of its mean
+    seed: int | None = None  # with sample: each image's draw is seeded from this and its path
+    scaled: bool = False  # KL: write diffusion-ready (z - shift) * scale
+    overwrite: bool = False
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    max_memory: int | None = None  # bytes for one layer's work; None: from the free memory
+    tar_output: bool = False  # a tar shard's latents go into one tar, not a folder
+    io_threads: int = 1  # threads loading images ahead (plus one writing behind); 0: none
+    compile: bool = False  # torch.compile the coders (images that fit whole; see vqcli.speed.tiling)
+
+
+def encode_files(
+    inputs: Sequence[Path],
+    output_dir: Path,
+    model: AutoEncoder,
+    ref: ModelRef,
+    *,
+    dtype: torch.dtype = torch.float32,
+    options: EncodeOptions = EncodeOptions(),
+    selection: Selection = Selection(),
+) -> Iterator[FileResult]:
+    """Encode every image among ``inputs`` into a latent file under ``output_dir``.
+
+    ``model`` is ready for inference (``models.resolve_model``); ``ref`` names it in the files.
+    ``selection`` chooses this process's share, or takes the inputs from a manifest.
+    """
+    check_encode_options(model, options)
+    if selection.entries is None:
+        check_inputs(inputs, output_dir)
+    seed = options.seed if options.seed is not None else (secrets.randbits(62) if options.sample else None)
+    # A draw is seeded per image, so it must not depend on the company in its batch.
+    batch_size = 1 if options.sample else options.batch_size
+
+    make = image_source(inputs, output_dir, selection, tar_output=options.tar_output)
+    jobs = select_jobs(make, selection, block_size(batch_size))
+    for into_tar, group in itertools.groupby(jobs, key=lambda j: isinstance(j, TarJob) and j.to_tar):
+        if into_tar:
+            for tar in group:
+                yield from _encode_into_tar(tar, model, ref, seed, batch_size, dtype, options)
+        else:
+            yield from _encode_stream(expand_tars(group, encoded_name), model, ref, seed, batch_size, dtype, options)
+
+
+def _encode_stream(jobs, model, ref, seed, batch_size, dtype, options, put=None) -> Iterator[FileResult]:
+    """Load, batch, encode and write the images of ``jobs`` (into files, or with ``put``)."""
+    stream = each_job(
+        jobs,
+        lambda job: prepare_image(job, model, max_pixels=options.max_pixels),
+        overwrite=options.overwrite,
+        ours=lat.is_latent_file,
+        workers=options.io_threads,
+        ahead=2 * batch_size + 1,
+    )
+
+    def how(batch: list[Item]):
+        if not options.sample:
+            return _encode_fn(model.config.kind, sample=False, scaled=options.scaled, seed=None), dtype
+        image_seed = derive_seed(seed, batch[0].job.rel)
+        batch[0].info["seed"] = image_seed
+        return _encode_fn(model.config.kind, sample=True, scaled=options.scaled, seed=image_seed), dtype
+
+    finish = functools.partial(_finish_encode, ref=ref, options=options, put=put)
+    yield from _compute_and_write(stream, batch_size, how, finish, options)
+
+
+def _encode_into_tar(tar: TarJob, model, ref, seed, batch_size, dtype, options) -> Iterator[FileResult]:
+    """Encode a tar shard's images into the tar ``tar.output`` (``shard.tar/KEY.jpg`` ->
+    ``KEY.jpg.safetensors`` in it). The tar appears whole, or not at all; its members' results
+    are given once it is there. An output tar that exists is skipped (resume) unless
+    ``--overwrite``, or ``tar.redo`` and it is vqcli's."""
+    out = tar.output
+    if os.path.lexists(out) and not (tar.redo and out.is_file() and tario.is_vqcli_tar(out)):
+        done = check_existing(tar, overwrite=options.overwrite, ours=tario.is_vqcli_tar)
+        if done is not None:
+            yield done
+            return
+    results: list[FileResult] = []
+    try:
+        with tario.write_tar(out, overwrite=os.path.lexists(out)) as sink:
+
+            def put(job: Job, data: bytes) -> None:
+                sink.add(job.output.relative_to(out).as_posix(), data, job.mtime)
+
+            for result in _encode_stream(member_jobs(tar, encoded_name), model, ref, seed, batch_size, dtype, options, put):
+                results.append(result)
+    except FileExistsError:
+        yield FileResult(tar.input, out, SKIPPED, "exists (written meanwhile by another run)", job=tar)
+        return
+    except OSError as e:
+        yield FileResult(tar.input, out, FAILED, f"cannot write {out} ({e.strerror or e})", job=tar)
+        return
+    yield from results
+
+
+def latent_bytes(tensor: torch.Tensor, meta: lat.LatentMeta) -> bytes:
+    """A latent file's bytes, as ``latents.write_latent`` writes them (for a member of a tar)."""
+    from safetensors.torch import save
+
+    stored = lat.to_storage(tensor, meta)
+    if tuple(stored.shape) != meta.latent_shape:
+        raise ValueError(f"latent shape {tuple(stored.shape)} does not match its metadata {meta.latent_shape}")
+    return save({lat.KEY: stored}, metadata=meta.to_metadata())
+
+
+def check_encode_options(model: AutoEncoder, options: EncodeOptions) -> None:
+    if options.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    if model.config.kind == "vq" and (options.sample or options.scaled):
+        raise UsageError("--sample and --scaled apply to KL models; a VQ model's latents are codebook indices")
+
+
+def derive_seed(seed: int, rel: PurePosixPath) -> int:
+    """The seed of one image's draw: from the run's seed and the image's relative path."""
+    digest = hashlib.sha256(f"{seed}\0{rel.as_posix()}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def prepare_image(job: Job, model: AutoEncoder, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Item:
+    """Load an image, pad it to the model's factor and note its original size."""
+    rgb = load_job_image(job, max_pixels=max_pixels)
+    height, width = rgb.shape[:2]
+    x = pad_to_multiple(to_model_input(rgb), lat.pad_factor(height, width, model.config.downsampling))
+    return Item(job, x, key=tuple(x.shape), model=model, info={"width": width, "height": height})
+
+
+def _encode_fn(kind: str, *, sample: bool, scaled: bool, seed: int | None):
+    if kind == "vq":
+        return lambda model, x: model.encode_indices(x)
+
+    def encode(model: AutoEncoder, x: torch.Tensor) -> torch.Tensor:
+        generator = None
+        if sample:
+            generator = torch.Generator(device=x.device)
+            generator.manual_seed(seed)
+        return model.encode(x, sample=sample, generator=generator, scaled=scaled).float()
+
+    return encode
+
+
+def _finish_encode(item: Item, out, redone: bool, ref: ModelRef, options: EncodeOptions, put=None) -> FileResult:
+    job = item.job
+    if isinstance(out, FileError):
+        return _from_error(job, out)
+    model = item.model
+    meta = lat.make_meta(
+        model,
+        source=job.rel.as_posix(),
+        width=item.info["width"],
+        height=item.info["height"],
+        model_name=ref.name,
+        model_embedded=ref.embedded,
+        representation="indices" if model.config.kind == "vq" else ("sample" if options.sample else "mean"),
+        scaled=options.scaled,
+        seed=item.info.get("seed"),
+    )
+    if put is not None:
+        return _write(job, lambda: put(job, latent_bytes(out[0], meta)), redone, item.info)
+    return _write(job, lambda: lat.write_latent(job.output, out[0], meta, overwrite=options.overwrite), redone, item.info)
+
+
+def encode_array(
+    model: AutoEncoder, rgb: np.ndarray, *, dtype: torch.dtype = torch.float32, budget: int | None = None
+) -> torch.Tensor:
+    """One (H, W, 3) [0, 1] image to its latent (KL mean ``(C, h, w)`` or VQ indices ``(h, w)``);
+    ``budget`` as ``--max-memory`` (None: from the memory free now)."""
+    height, width = rgb.shape[:2]
+    x = pad_to_multiple(to_model_input(rgb), lat.pad_factor(height, width, model.config.downsampling))
+    device = next(model.parameters()).device
+    fn = _encode_fn(model.config.kind, sample=False, scaled=False, seed=None)
+    return _run(model, fn, x, device, dtype, budget)[0]

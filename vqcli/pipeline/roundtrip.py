@@ -1,0 +1,87 @@
+"""Encode and decode in one go, and measure what came back.
+
+For each image: PSNR and SSIM of the reconstruction against the original (both as 8-bit RGB, the
+way a user sees them), and a side-by-side PNG: original | reconstruction | error map (absolute
+difference amplified 4x). Prints nothing; yields one ``FileResult`` per image with the metrics in
+its ``info``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vqcli.io.images import DEFAULT_MAX_PIXELS, save_image, to_uint8, written_by_vqcli
+from vqcli.metrics import error_map, psnr, ssim
+from vqcli.model.autoencoder import AutoEncoder
+from vqcli.pipeline.batching import each_job
+from vqcli.pipeline.decode import decode_array
+from vqcli.pipeline.encode import encode_array
+from vqcli.pipeline.results import DONE, FileResult, Job
+from vqcli.pipeline.selection import Selection, image_source, select_jobs
+from vqcli.pipeline.sources import expand_tars, load_job_image
+from vqcli.speed.budget import default_budget
+
+SUFFIX = ".roundtrip.png"
+ERROR_GAIN = 4.0
+
+
+def roundtrip_name(image_name: str) -> str:
+    """``a.jpg`` -> ``a.jpg.roundtrip.png`` (never the name of an input image)."""
+    return image_name + SUFFIX
+
+
+def roundtrip_image(
+    model: AutoEncoder, rgb: np.ndarray, *, dtype: torch.dtype = torch.float32, budget: int | None = None
+) -> np.ndarray:
+    """The reconstruction of one (H, W, 3) [0, 1] image, as uint8 (``budget``: as ``encode_array``'s)."""
+    latent = encode_array(model, rgb, dtype=dtype, budget=budget)
+    return to_uint8(decode_array(model, latent, rgb.shape[0], rgb.shape[1], dtype=dtype, budget=budget))
+
+
+def side_by_side(original: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
+    """original | reconstruction | amplified error, uint8 (H, 3W, 3)."""
+    errors = to_uint8(error_map(original / 255.0, reconstruction / 255.0, gain=ERROR_GAIN))
+    return np.concatenate([original, reconstruction, errors], axis=1)
+
+
+def roundtrip_files(
+    paths: Sequence[Path],
+    output_dir: Path,
+    model: AutoEncoder,
+    *,
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    selection: Selection = Selection(),
+) -> Iterator[FileResult]:
+    """One result per image; side-by-side pictures under ``output_dir`` mirroring the inputs
+    (``selection``: this process's share, or the inputs of a manifest; see ``vqcli.pipeline``)."""
+    jobs = select_jobs(image_source(paths, output_dir, selection, name=roundtrip_name), selection, 1)
+    jobs = expand_tars(jobs, roundtrip_name)
+    budget = default_budget(next(model.parameters()).device)  # (fixed for the run, as in encode)
+    yield from each_job(
+        jobs,
+        lambda job: _one(job, model, dtype, overwrite, max_pixels, budget),
+        overwrite=overwrite,
+        ours=written_by_vqcli,
+    )
+
+
+def _one(
+    job: Job, model: AutoEncoder, dtype: torch.dtype, overwrite: bool, max_pixels: int | None, budget: int
+) -> FileResult:
+    rgb = load_job_image(job, max_pixels=max_pixels)
+    original = to_uint8(rgb)
+    reconstruction = roundtrip_image(model, rgb, dtype=dtype, budget=budget)
+    save_image(side_by_side(original, reconstruction), job.output, overwrite=overwrite)
+    info = {
+        "width": int(rgb.shape[1]),
+        "height": int(rgb.shape[0]),
+        "psnr": psnr(original.astype(np.float64), reconstruction.astype(np.float64), data_range=255.0),
+        "ssim": ssim(original.astype(np.float64), reconstruction.astype(np.float64), data_range=255.0),
+    }
+    return FileResult(job.input, job.output, DONE, info=info, job=job)

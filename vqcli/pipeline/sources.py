@@ -1,0 +1,185 @@
+"""Jobs from tar shards and manifests, and resume: what is already done."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from vqcli.errors import FileError
+from vqcli.io import tarfiles as tario
+from vqcli.io.images import (
+    DEFAULT_MAX_PIXELS,
+    is_image_path,
+    load_image,
+    load_image_bytes,
+)
+from vqcli.io.manifest import Entry
+from vqcli.pipeline.jobs import _size
+from vqcli.pipeline.results import (
+    DONE,
+    FAILED,
+    SKIPPED,
+    FileResult,
+    Job,
+    MemberJob,
+    TarJob,
+)
+
+
+def expand_tars(
+    items: Iterable[Any], name: Callable[[str], str], accept: Callable[[str], bool] = is_image_path
+) -> Iterator[Any]:
+    """Each ``TarJob`` with a folder output as a ``MemberJob`` per image inside; all else as it is."""
+    for item in items:
+        if isinstance(item, TarJob) and not item.to_tar:
+            yield from member_jobs(item, name, accept)
+        else:
+            yield item
+
+
+def member_jobs(
+    tar: TarJob, name: Callable[[str], str], accept: Callable[[str], bool] = is_image_path
+) -> Iterator[MemberJob | FileResult]:
+    """The image members of one tar as jobs, read front to back; a member ``d/m`` has the output
+    ``tar.output/d/name(m)``.
+
+    A member with an unsafe name, or whose output an earlier member of the same name claimed,
+    fails; a tar that cannot be read fails as a whole (after the members before the damage).
+    """
+    wanted = None if tar.members is None else (lambda m: m.as_posix() in tar.members)
+    claimed: set[str] = set()
+    try:
+        for m in tario.read_members(tar.input, accept, wanted):
+            inside = PurePosixPath(*(part for part in m.name.parts if part != "/"))  # "/a.png" -> "a.png"
+            job = MemberJob(
+                tar.input / inside,
+                tar.root,
+                tar.rel / inside,
+                tar.output.joinpath(*inside.parent.parts, name(inside.name)),
+                size=m.size,
+                block=tar.block,
+                tar=tar.input,
+                member=m.name,
+                mtime=m.mtime,
+                data=m.data or b"",
+            )
+            if m.problem:
+                yield FileResult(job.input, None, FAILED, m.problem, job=job)
+                continue
+            if m.data is None:
+                continue  # not wanted
+            key = os.path.normcase(str(job.output))
+            if key in claimed:
+                reason = "the tar holds an earlier member of the same name; only that one is used"
+                yield FileResult(job.input, job.output, FAILED, reason, job=job)
+                continue
+            claimed.add(key)
+            yield job
+    except FileError as e:
+        yield FileResult(tar.input, tar.output, FAILED, e.reason, job=tar)
+
+
+def load_job_image(job: Job, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The image of a job: a file, or a tar member's bytes."""
+    if isinstance(job, MemberJob):
+        return load_image_bytes(job.data, job.input, max_pixels=max_pixels)
+    return load_image(job.input, max_pixels=max_pixels)
+
+
+def entry_of(result: FileResult, output_dir: Path) -> Entry:
+    """A result as a manifest line (the fields: see ``vqcli.manifest``)."""
+    job = result.job
+    if isinstance(job, MemberJob):
+        source, member, size = os.path.abspath(job.tar), job.member.as_posix(), job.size
+    else:
+        source, member = os.path.abspath(result.input), None
+        size = job.size if job is not None and job.size >= 0 else _size(result.input)
+    rel = job.rel.as_posix() if job is not None else Path(result.input).name
+    output = None
+    if result.output is not None:
+        output = Path(os.path.relpath(os.path.abspath(result.output), os.path.abspath(output_dir))).as_posix()
+    error = result.reason if result.status == FAILED else None
+    return Entry(source, member, rel, output, size if size >= 0 else None, result.status, error)
+
+
+def jobs_from_entries(
+    entries: Iterable[Entry], output_dir: Path, *, name: Callable[[str], str], tar_output: bool = False
+) -> Iterator[Job]:
+    """The jobs of the manifest lines that are not finished: failed, never run, or whose output is
+    gone. Outputs are named as a fresh run over the same inputs would name them.
+
+    Lines of members of one tar become one ``TarJob`` (in the place of the first) reading only those
+    members; with ``tar_output``, the shard's output tar is made again, whole.
+    """
+    tars: dict[str, dict[str, Any]] = {}
+    made: dict[str, bool] = {}  # tar_output: whether a tar's output tar is there
+    order: list[Entry | str] = []
+    for e in entries:
+        rel = PurePosixPath(e.rel)
+        if e.member is None and not tario.is_tar_path(e.source):
+            if e.status in (DONE, SKIPPED) and os.path.lexists(output_dir.joinpath(*rel.parent.parts, name(rel.name))):
+                continue
+            order.append(e)
+            continue
+        member = PurePosixPath(e.member) if e.member else None
+        tar_rel = rel
+        if member is not None:
+            n = len(member.parts)
+            tar_rel = PurePosixPath(*rel.parts[:-n]) if len(rel.parts) > n and rel.parts[-n:] == member.parts else PurePosixPath(Path(e.source).name)
+        out = output_dir / (tario.plain_name(tar_rel.as_posix()) if tar_output else tar_rel.as_posix())
+        if e.status in (DONE, SKIPPED):
+            if tar_output:
+                if e.source not in made:
+                    made[e.source] = out.is_file() and tario.is_vqcli_tar(out)
+                present = made[e.source]
+            elif member is None:
+                present = out.is_dir()
+            else:
+                present = os.path.lexists(out.joinpath(*member.parent.parts, name(member.name)))
+            if present:
+                continue
+        t = tars.get(e.source)
+        if t is None:
+            t = tars[e.source] = {"rel": tar_rel, "output": out, "members": set(), "all": False}
+            order.append(e.source)
+        if member is None:
+            t["all"] = True
+        else:
+            t["members"].add(member.as_posix())
+    for item in order:
+        if isinstance(item, Entry):
+            rel, source = PurePosixPath(item.rel), Path(item.source)
+            root = Path(*source.parts[: -len(rel.parts)]) if source.parts[-len(rel.parts):] == rel.parts else source.parent
+            yield Job(source, root, rel, output_dir.joinpath(*rel.parent.parts, name(rel.name)))
+        else:
+            t, source = tars[item], Path(item)
+            members = None if (t["all"] or tar_output) else frozenset(t["members"])
+            yield TarJob(source, source.parent, t["rel"], t["output"], members=members, to_tar=tar_output, redo=tar_output)
+
+
+def check_existing(job: Job, *, overwrite: bool, ours: Callable[[Path], bool]) -> FileResult | None:
+    """``None`` when ``job`` should run; a skipped or failed result when its output is in the way.
+
+    An existing output that vqcli wrote is skipped (resume) or, with ``overwrite``, replaced. Any
+    other file in the way (an original image, someone's file) is never replaced.
+    """
+    out = job.output
+    if not os.path.lexists(out):
+        return None
+    if out.is_dir() or out.is_symlink():
+        return FileResult(job.input, out, FAILED, f"output {out} exists and is a folder or a link; not replaced", job=job)
+    if not ours(out):
+        return FileResult(
+            job.input,
+            out,
+            FAILED,
+            f"output {out} exists and was not written by vqcli (an original?); not replaced",
+            job=job,
+        )
+    if overwrite:
+        return None
+    return FileResult(job.input, out, SKIPPED, "exists", job=job)

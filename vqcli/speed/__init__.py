@@ -1,0 +1,1 @@
+"""Running fast in bounded memory: device and precision, the memory budget, tiling, the heap, fast paths."""
