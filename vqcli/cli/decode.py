@@ -16,6 +16,7 @@ from vqcli.cli.common import (
     IoThreadsOpt,
     JsonOpt,
     MaxMemoryOpt,
+    MaxPixelsOpt,
     OptionalModelOpt,
     OverwriteOpt,
     PresetOpt,
@@ -28,6 +29,7 @@ from vqcli.cli.common import (
     setup_device,
 )
 from vqcli.cli.scale import FromManifestOpt, ManifestOpt, Scale, ShardOpt, run
+from vqcli.io.images import DEFAULT_MAX_PIXELS
 
 HELP = help_text(
     """
@@ -70,6 +72,7 @@ def decode(
     quality: Annotated[int, typer.Option("--quality", min=1, max=100, help="jpg and webp quality.")] = 95,
     preset: PresetOpt = None,
     max_memory: MaxMemoryOpt = None,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     io_threads: IoThreadsOpt = 1,
     compile: CompileOpt = False,
     overwrite: OverwriteOpt = False,
@@ -110,6 +113,7 @@ def decode(
         max_memory=scale.max_memory(parse_max_memory(max_memory), torch_device),
         io_threads=io_threads,
         compile=compile,
+        max_pixels=max_pixels or None,
     )
     selection = scale.selection()
     results = decode_files(inputs or [], output, chooser, dtype=torch_dtype, options=options, selection=selection)

@@ -160,13 +160,19 @@ def _check_size(path: Path, size: tuple[int, int], max_pixels: int | None) -> No
     width, height = size
     if width < 1 or height < 1:
         raise FileError(path, f"image has no pixels ({width}x{height})")
+    check_pixels(path, width, height, max_pixels)
+
+
+def check_pixels(path: Path, width: int, height: int, max_pixels: int | None, what: str = "image") -> None:
+    """A ``FileError`` when an image of ``width`` x ``height`` (read, or to be made: ``what``) has
+    more than ``max_pixels`` pixels (None: no limit), said before any of its pixels exist."""
     if max_pixels is not None and width * height > max_pixels:
-        raise FileError(path, _too_large(width, height, max_pixels))
+        raise FileError(path, _too_large(width, height, max_pixels, what))
 
 
-def _too_large(width: int, height: int, max_pixels: int) -> str:
+def _too_large(width: int, height: int, max_pixels: int, what: str = "image") -> str:
     return (
-        f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
+        f"{what} is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
         "(a decompression bomb?); raise it with --max-pixels"
     )
 

@@ -43,6 +43,7 @@ import torch
 
 from vqcli.errors import ConfigError, FileError
 from vqcli.io.atomic import atomic_path
+from vqcli.io.images import check_pixels
 from vqcli.io.padding import padded_size
 from vqcli.io.safetensors import (
     read_safetensors,
@@ -253,17 +254,20 @@ def is_latent_file(path: str | os.PathLike) -> bool:
     return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
-def read_latent(path: str | os.PathLike) -> Latent:
+def read_latent(path: str | os.PathLike, *, max_pixels: int | None = None) -> Latent:
     """Read and validate a latent file, or raise ``FileError`` saying what is wrong.
 
     The header (metadata, tensor name, dtype and shape) is checked before the tensor is read, so a
-    file whose header is wrong costs no memory whatever sizes it claims; then the values.
+    file whose header is wrong costs no memory whatever sizes it claims; then the values. A latent
+    that decodes to more than ``max_pixels`` pixels (the padded size the decoder makes; None: no
+    limit) is refused from its header too.
     """
     path = Path(path)
     if path.is_dir():
         raise FileError(path, "is a folder, not a latent file")
     header = read_safetensors_header(path)
     meta = parse_meta(path, header.get("__metadata__") or {})
+    check_pixels(path, meta.padded_width, meta.padded_height, max_pixels, what="the decoded image")
     names = [k for k in header if k != "__metadata__"]
     if names != [KEY]:
         found = ", ".join(short_name(n) for n in sorted(names)[:5]) or "none"

@@ -16,7 +16,7 @@ from vqcli.checkpoints.load import resolve_model, with_factors
 from vqcli.checkpoints.registry import is_embedded
 from vqcli.errors import FileError, UsageError, VqcliError
 from vqcli.io import latents as lat
-from vqcli.io.images import save_image, written_by_vqcli
+from vqcli.io.images import DEFAULT_MAX_PIXELS, save_image, written_by_vqcli
 from vqcli.io.padding import from_model_output
 from vqcli.model.autoencoder import AutoEncoder
 from vqcli.pipeline.batching import Item, _compute_and_write, _run, _write, each_job
@@ -35,6 +35,7 @@ class DecodeOptions:
     max_memory: int | None = None  # bytes for one layer's work; None: from the free memory
     io_threads: int = 1  # threads reading latents ahead (plus one writing images behind); 0: none
     compile: bool = False  # torch.compile the coders (images that fit whole; see vqcli.speed.tiling)
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # refuse latents that decode to more (None: no limit)
 
 
 class ModelChooser:
@@ -129,7 +130,7 @@ def decode_files(
         check_inputs(inputs, output_dir)
     stream = each_job(
         select_jobs(latent_source(inputs, output_dir, selection, options.fmt), selection, block_size(options.batch_size)),
-        lambda job: prepare_latent(job, models),
+        lambda job: prepare_latent(job, models, max_pixels=options.max_pixels),
         overwrite=options.overwrite,
         ours=written_by_vqcli,
         workers=options.io_threads,
@@ -144,9 +145,10 @@ def decode_files(
     yield from _compute_and_write(stream, options.batch_size, how, finish, options)
 
 
-def prepare_latent(job: Job, models: ModelChooser) -> Item:
-    """Read and validate a latent file and choose (and check) the model that decodes it."""
-    latent = lat.read_latent(job.input)
+def prepare_latent(job: Job, models: ModelChooser, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Item:
+    """Read and validate a latent file (refused from its header where it decodes to more than
+    ``max_pixels`` pixels) and choose (and check) the model that decodes it."""
+    latent = lat.read_latent(job.input, max_pixels=max_pixels)
     meta = latent.meta
     model = models(job.input, meta)
     if meta.kind == "vq":

@@ -36,7 +36,8 @@ once); recomputing computes a segment's first layers up to K+1 times for K norms
 7.5x), so without files the plan keeps segments short where the budget allows.
 
 Attention blocks (the middle one at the latent resolution, and any at a level) mix every position
-with every other: they run whole, on a whole map.
+with every other: they take a whole map and give a whole map, computed in bands of queries where
+the budget or the length of one product asks for it (``vqcli.speed.attention``).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from vqcli.model.blocks import (
     norm_swish,
 )
 from vqcli.model.coders import _NO_FEATURES, Decoder, Encoder
+from vqcli.speed.attention import bounded_attention
 from vqcli.speed.bands import (
     BLOCK_WHOLE,
     HEADROOM,
@@ -343,8 +345,8 @@ def _plain(module: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def bounded_memory(model: nn.Module, budget: int, *, compile: bool = False) -> Iterator[None]:
-    """Within, ``model``'s encoders and decoders (and its residual blocks and upsampling layers
-    called on their own) keep their working memory within about ``budget`` bytes, computing in bands
+    """Within, ``model``'s encoders and decoders (and its residual blocks, upsampling layers and
+    attention blocks called on their own) keep their working memory within about ``budget`` bytes, computing in bands
     what does not fit, with the untiled result. Without gradients only: training runs as written.
 
     ``compile``: the coders' high-resolution parts, where they fit whole, run torch.compile'd (the
@@ -376,6 +378,14 @@ def bounded_memory(model: nn.Module, budget: int, *, compile: bool = False) -> I
                 return _run_units([unit_of(m)], [x], budget)
 
             patch(module, "forward", forward)
+        elif isinstance(module, AttnBlock):
+
+            def attend(x, m=module):
+                if _plain(m):
+                    return type(m).forward(m, x)
+                return bounded_attention(m, x, int(budget * HEADROOM))
+
+            patch(module, "forward", attend)
     try:
         yield
     finally:
