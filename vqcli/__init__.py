@@ -21,11 +21,16 @@ _EXPORTS = {
     "Downsample": "vqcli.model.blocks",
     "Encoder": "vqcli.model.coders",
     "FileError": "vqcli.errors",
+    "Latent": "vqcli.io.latents",
+    "Model": "vqcli.api",
     "ResnetBlock": "vqcli.model.blocks",
     "Upsample": "vqcli.model.blocks",
     "UsageError": "vqcli.errors",
     "VectorQuantizer": "vqcli.model.quantize",
     "VqcliError": "vqcli.errors",
+    "load": "vqcli.api",
+    "read_latent": "vqcli.api",
+    "write_latent": "vqcli.api",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -114,7 +114,7 @@ def _load(source: Path | io.BytesIO, path: Path, max_pixels: int | None) -> np.n
                 im.load()
                 # a container (an ICO's embedded PNG) may hold a larger image than its header said
                 _check_size(path, im.size, max_pixels)
-                return _to_rgb_float(ImageOps.exif_transpose(im))
+                return pil_to_rgb(im)
     except FileError:
         raise
     except IsADirectoryError:
@@ -241,6 +241,11 @@ def _allow_pillow(max_pixels: int | None) -> None:
             Image.MAX_IMAGE_PIXELS = None
         elif max_pixels > current:
             Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def pil_to_rgb(im: Image.Image) -> np.ndarray:
+    """A PIL image's pixels as ``load_image`` gives a file's: upright, RGB float32 in [0, 1]."""
+    return _to_rgb_float(ImageOps.exif_transpose(im))
 
 
 def _to_rgb_float(im: Image.Image) -> np.ndarray:

@@ -187,10 +187,12 @@ def decode_array(
     *,
     dtype: torch.dtype = torch.float32,
     budget: int | None = None,
+    scaled: bool = False,
 ) -> np.ndarray:
-    """Inverse of ``encode_array``: the latent back to an (height, width, 3) [0, 1] image."""
+    """Inverse of ``encode_array``: the latent back to an (height, width, 3) [0, 1] image
+    (``scaled``: a diffusion-ready latent, unscaled with ``model``'s factors)."""
     kind = model.config.kind
     data = (latent.long() if kind == "vq" else latent.float()).unsqueeze(0)
     device = next(model.parameters()).device
-    y = _run(model, _decode_fn(kind, False), data, device, dtype, budget)
+    y = _run(model, _decode_fn(kind, scaled), data, device, dtype, budget)
     return from_model_output(y[0], height, width)
