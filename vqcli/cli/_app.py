@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import signal
 from typing import Callable
 
@@ -41,9 +42,47 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_TERMINATED = 128 + signal.SIGTERM
 
 
+# Characters that would act on a terminal or split a line rather than show: C0 and C1 controls
+# (ESC, NUL, newline, ...), DEL, the Unicode line and paragraph separators, bidirectional overrides
+# and isolates, and lone surrogates (bytes of a file name that are not UTF-8, as Python decodes them).
+_UNSHOWABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _visible(match: re.Match) -> str:
+    ch = match.group()
+    if ch in _NAMED:
+        return _NAMED[ch]
+    code = ord(ch)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def shown(text: object) -> str:
+    """``text`` (anything that came from a file, a path or a user) as every printer here must show
+    it: control characters written out as escapes (``\\x1b``, ``\\n``, ``\\x00``), so that
+    nothing acts on the terminal and one message stays one line, and rich markup escaped, so that
+    ``[red]`` or ``[link=...]`` shows as typed. For printing with markup on (rich's default)."""
+    return escape(plain(text))
+
+
+def plain(text: object) -> str:
+    """``text`` with its control characters written out as escapes (``shown`` without the markup
+    escaping: for output that rich does not interpret, the log lines)."""
+    return _UNSHOWABLE.sub(_visible, str(text))
+
+
+class _PlainFormatter(logging.Formatter):
+    """Log lines (the library's warnings name files) with their control characters escaped."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return plain(super().format(record))
+
+
 def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
-    """Print ``vqcli: message`` on stderr and return the Exit to raise."""
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
+    """Print ``error: message`` on stderr and return the Exit to raise."""
+    err_console.print(f"[bold red]error:[/] {shown(message)}", highlight=False, markup=True, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -90,7 +129,9 @@ class _Terminated:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_PlainFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     signal.signal(signal.SIGTERM, _Terminated.handler)
     try:
         app(args=argv, prog_name="vqcli")

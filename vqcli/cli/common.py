@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -31,6 +30,7 @@ from vqcli.cli._app import (
     EXIT_SOME_FAILED,
     err_console,
     out_console,
+    shown,
 )
 from vqcli.pipeline.results import DONE, FAILED, SKIPPED, FileResult, StopRun
 
@@ -207,8 +207,8 @@ class RunReport:
         self.fallbacks += int(result.fallback_fp32)
         if result.status == FAILED:
             self.failures.append({"path": str(result.input), "reason": result.reason})
-            # markup off: file names may hold [brackets]; soft wrap: one line, whatever the width
-            err_console.print(result.message, markup=False, highlight=False, soft_wrap=True, style="red")
+            # shown: file names may hold [brackets], escapes, newlines; soft wrap: one line, whatever the width
+            err_console.print(shown(result.message), highlight=False, soft_wrap=True, style="red")
         if self._progress is not None:
             self._progress.advance(self._task)
 
@@ -252,7 +252,7 @@ class RunReport:
             if s["fp32_fallbacks"]:
                 parts.append(f"{s['fp32_fallbacks']} redone in float32 (NaN/Inf in reduced precision)")
             rate = f" ({s['images_per_second']:.2f} images/s)" if s["done"] else ""
-            where = f" -> {escape(str(self.extra['output']))}" if "output" in self.extra else ""
+            where = f" -> {shown(self.extra['output'])}" if "output" in self.extra else ""
             text = f"{', '.join(parts)} in {s['seconds']:.1f} s{rate}{where}"
             if self.interrupted:
                 text = "interrupted: " + text
@@ -311,7 +311,7 @@ def stopped(report: RunReport, e: StopRun) -> None:
 
 def epilog(*examples: str) -> str:
     """An --help epilog of examples, one per line (the double newline keeps them apart in rich help)."""
-    return "\n\n".join(["[bold]Examples[/bold]", *(f"  {escape(e)}" for e in examples)])
+    return "\n\n".join(["[bold]Examples[/bold]", *(f"  {shown(e)}" for e in examples)])
 
 
 def help_text(text: str) -> str:

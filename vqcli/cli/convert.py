@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from vqcli.cli._app import app, err_console, handle_errors, out_console
+from vqcli.cli._app import app, err_console, handle_errors, out_console, shown
 
 
 class Target(str, Enum):
@@ -71,7 +71,7 @@ def convert(
         out_console.print_json(json.dumps(summary))
     else:
         err_console.print(
-            f"wrote {output} ({written}): {describe(c)}, scale {c.scale_factor:g}, shift {c.shift_factor:g}",
+            f"wrote {shown(output)} ({written}): {shown(describe(c))}, scale {c.scale_factor:g}, shift {c.shift_factor:g}",
             highlight=False,
             soft_wrap=True,
         )
@@ -123,7 +123,8 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print JSON on std
         table.add_column(column)
     for e in embedded:
         status = "error: " + e["error"] if "error" in e else ("installed" if e["installed"] else "not installed")
-        table.add_row(e["name"], status, e["description"] + (f" ({e['architecture']})" if "architecture" in e else ""))
+        about = e["description"] + (f" ({e['architecture']})" if "architecture" in e else "")
+        table.add_row(shown(e["name"]), shown(status), shown(about))
     out_console.print(table)
     if not all(e["installed"] for e in embedded):
         err_console.print("Embedded models that are not installed can be trained with: vqcli train --preset NAME")

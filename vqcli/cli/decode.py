@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from vqcli.cli._app import app, err_console, handle_errors
+from vqcli.cli._app import app, err_console, handle_errors, shown
 from vqcli.cli.common import (
     BatchOpt,
     CompileOpt,
@@ -102,7 +102,7 @@ def decode(
         chooser = ModelChooser(
             device=torch_device,
             dtype=torch_dtype,
-            on_choice=lambda name, choice: err_console.print(f"{name}: {choice.describe()}", highlight=False),
+            on_choice=lambda name, choice: err_console.print(f"{shown(name)}: {choice.describe()}", highlight=False),
         )
         model_info = None
     options = DecodeOptions(

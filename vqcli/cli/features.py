@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from vqcli.cli._app import app, fail, handle_errors, out_console
+from vqcli.cli._app import app, fail, handle_errors, out_console, shown
 from vqcli.cli.common import (
     DeviceOpt,
     JsonOpt,
@@ -128,9 +128,9 @@ def features(
         return
     if quiet:
         return
-    table = Table(title=f"{image.name}: {width}x{height}, {len(rows)} layers -> {out}")
+    table = Table(title=f"{shown(image.name)}: {width}x{height}, {len(rows)} layers -> {shown(out)}")
     for col in ("layer", "shape", "mean", "std", "min", "max"):
         table.add_column(col, justify="left" if col in ("layer", "shape") else "right", no_wrap=True)
     for r in rows:
-        table.add_row(r["layer"], "x".join(map(str, r["shape"])), *(f"{r[k]:.4g}" for k in ("mean", "std", "min", "max")))
+        table.add_row(shown(r["layer"]), "x".join(map(str, r["shape"])), *(f"{r[k]:.4g}" for k in ("mean", "std", "min", "max")))
     out_console.print(table)

@@ -16,6 +16,7 @@ from vqcli.cli._app import (
     err_console,
     handle_errors,
     out_console,
+    shown,
 )
 from vqcli.cli.common import JsonOpt, epilog, help_text
 
@@ -59,7 +60,7 @@ def info(
             described.append(describe(path))
         except FileError as e:
             failures.append({"path": str(path), "reason": e.reason})
-            err_console.print(f"{path}: {e.reason}", markup=False, highlight=False, soft_wrap=True, style="red")
+            err_console.print(shown(f"{path}: {e.reason}"), highlight=False, soft_wrap=True, style="red")
     if as_json:
         out_console.print_json(json.dumps({"files": described, "failures": failures}))
     else:
@@ -69,7 +70,7 @@ def info(
 
 
 def _table(d: dict) -> Table:
-    table = Table(title=d["file"], show_header=False, title_justify="left")
+    table = Table(title=shown(d["file"]), show_header=False, title_justify="left")
     table.add_column("field", style="bold", no_wrap=True)
     table.add_column("value", overflow="fold")
     if d["type"] == "latent":
@@ -88,9 +89,8 @@ def _table(d: dict) -> Table:
     else:
         view = dict(d)
         if d.get("tensor_list"):
-            view["tensor_list"] = "\n".join(
-                f"{k} {tuple(v['shape'] or ())} {v['dtype']}" for k, v in d["tensor_list"].items()
-            ) + ("\n..." if d.get("tensor_list_truncated") else "")
+            view["tensor_list"] = [f"{k} {tuple(v['shape'] or ())} {v['dtype']}" for k, v in d["tensor_list"].items()]
+            view["tensor_list"] += ["..."] if d.get("tensor_list_truncated") else []
         rows = ("type", "note", "metadata", "tensors", "dtypes", "tensor_list")
     for key in rows:
         if view.get(key) is None:
@@ -98,7 +98,8 @@ def _table(d: dict) -> Table:
         value = view[key]
         if isinstance(value, dict):
             value = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items())
-        table.add_row(key, str(value))
+        lines = value if isinstance(value, list) else [value]  # (each line escaped on its own)
+        table.add_row(key, "\n".join(shown(line) for line in lines))
     return table
 
 

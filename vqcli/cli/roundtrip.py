@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from vqcli.cli._app import app, handle_errors, out_console
+from vqcli.cli._app import app, handle_errors, out_console, shown
 from vqcli.cli.common import (
     DeviceOpt,
     DtypeOpt,
@@ -135,7 +135,7 @@ def _table(images: list[dict], mean: dict) -> Table:
     table.add_column("PSNR (dB)", justify="right")
     table.add_column("SSIM", justify="right")
     for i in images:
-        table.add_row(i["path"], f"{i['psnr']:.2f}", f"{i['ssim']:.4f}")
+        table.add_row(shown(i["path"]), f"{i['psnr']:.2f}", f"{i['ssim']:.4f}")
     table.add_section()
     table.add_row("mean", f"{mean['psnr']:.2f}", f"{mean['ssim']:.4f}", style="bold")
     return table

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from vqcli.cli._app import err_console
+from vqcli.cli._app import err_console, shown
 from vqcli.cli.common import RunReport, last_results, stopped
 from vqcli.errors import UsageError
 from vqcli.pipeline.results import FileResult, StopRun
@@ -185,7 +185,7 @@ class Scale:
         try:
             self.merged = recorder.finish(self.digest)
         except OSError as e:
-            err_console.print(f"cannot write the manifest in {self.output} ({e.strerror or e})", style="red", markup=False)
+            err_console.print(shown(f"cannot write the manifest in {self.output} ({e.strerror or e})"), style="red")
 
     def finish(
         self,
@@ -220,17 +220,18 @@ class Scale:
         }
         if self.ctx.main:
             for warning in sorted({m["warning"] for m in merges if m["warning"]}):
-                err_console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
+                err_console.print(shown(f"warning: {warning}"), style="yellow", highlight=False)
         if report.quiet or report.as_json:
             return
         if done is not None:
-            err_console.print(f"manifest: {path} ({done['lines']} lines)", markup=False, highlight=False)
+            err_console.print(shown(f"manifest: {path} ({done['lines']} lines)"), highlight=False)
         else:
             waiting = ", ".join(map(str, info["missing"]))
             err_console.print(
-                f"manifest part {self.share} written; {path} is made when all {self.share.count} parts are there "
-                f"(waiting for: {waiting})",
-                markup=False,
+                shown(
+                    f"manifest part {self.share} written; {path} is made when all {self.share.count} parts are "
+                    f"there (waiting for: {waiting})"
+                ),
                 highlight=False,
             )
 

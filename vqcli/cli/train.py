@@ -23,6 +23,7 @@ from vqcli.cli._app import (
     fail,
     handle_errors,
     out_console,
+    shown,
 )
 
 
@@ -194,7 +195,7 @@ def train(
             )
         except KeyboardInterrupt:
             bar.stop()
-            err_console.print(_interrupted(output, last, first_step, checkpoint_every), highlight=False, soft_wrap=True)
+            err_console.print(shown(_interrupted(output, last, first_step, checkpoint_every)), highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_INTERRUPTED) from None
     if model is None:
         err_console.print(f"stopped after step {last.get('step')}; continue with --resume")
@@ -214,4 +215,4 @@ def train(
         out_console.print_json(json.dumps(summary))
     elif not quiet:
         val_text = f", validation PSNR {summary['val_psnr']:.2f} dB" if summary["val_psnr"] is not None else ""
-        err_console.print(f"saved {output} after {summary['steps']} steps{val_text}")
+        err_console.print(f"saved {shown(output)} after {summary['steps']} steps{val_text}", highlight=False, soft_wrap=True)
