@@ -440,9 +440,10 @@ def test_resume_does_only_what_is_missing(tmp_path, models, images):
 
 def test_overwrite_replaces_outputs(tmp_path, models, images):
     assert cli("encode", images / "odd.png", "-o", tmp_path / "lat", "--model", models["kl"]).exit_code == 0
-    assert cli("encode", images / "odd.png", "-o", tmp_path / "lat", "--model", models["vq"]).exit_code == 0
+    r = cli("encode", images / "odd.png", "-o", tmp_path / "lat", "--model", models["vq"])
+    assert r.exit_code == 1 and "exists, made with another model: --overwrite to replace" in r.stderr
     _, meta = _read_latent(tmp_path / "lat" / "odd.png.safetensors")
-    assert meta["kind"] == "kl"  # skipped: the existing output is kept
+    assert meta["kind"] == "kl"  # stale, reported, and kept until --overwrite
     r = cli("encode", images / "odd.png", "-o", tmp_path / "lat", "--model", models["vq"], "--overwrite", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["done"] == 1
     _, meta = _read_latent(tmp_path / "lat" / "odd.png.safetensors")

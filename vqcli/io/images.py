@@ -282,11 +282,12 @@ def save_image(
     fmt: str = "png",
     quality: int = 95,
     overwrite: bool = False,
-    mark: bool = True,
+    mark: bool | str = True,
 ) -> None:
     """Write a [0, 1] float or uint8 (H, W, 3) image atomically.
 
-    With ``mark`` the file carries vqcli's EXIF ``Software`` tag (see ``written_by_vqcli``).
+    With ``mark`` the file carries vqcli's EXIF ``Software`` tag (see ``written_by_vqcli``); a
+    string ``mark`` follows ``vqcli`` there (what the image was made from, see ``vqcli_mark``).
     """
     pil_format = OUTPUT_FORMATS[fmt]
     pixels = rgb if rgb.dtype == np.uint8 else to_uint8(rgb)
@@ -294,7 +295,7 @@ def save_image(
     options: dict = {"quality": quality} if pil_format in ("JPEG", "WEBP") else {}
     if mark:
         exif = Image.Exif()
-        exif[SOFTWARE_TAG] = SOFTWARE
+        exif[SOFTWARE_TAG] = f"{SOFTWARE} {mark}" if isinstance(mark, str) else SOFTWARE
         options["exif"] = exif
     with atomic_path(path, overwrite=overwrite) as tmp:
         image.save(tmp, format=pil_format, **options)
@@ -302,14 +303,22 @@ def save_image(
 
 def written_by_vqcli(path: str | os.PathLike) -> bool:
     """True when ``path`` is an image that ``save_image`` wrote (it reads the header only)."""
+    return vqcli_mark(path) is not None
+
+
+def vqcli_mark(path: str | os.PathLike) -> str | None:
+    """The string ``save_image`` wrote after ``vqcli`` in the file's EXIF (``""`` for none), or
+    ``None`` when the file is not an image it wrote (the header only is read)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(path) as im:
                 software = im.getexif().get(SOFTWARE_TAG)
     except Exception:  # noqa: BLE001 - anything unreadable is not ours
-        return False
-    return isinstance(software, str) and software.split(" ")[0] == SOFTWARE
+        return None
+    if not isinstance(software, str) or software.split(" ")[0] != SOFTWARE:
+        return None
+    return software.partition(" ")[2]
 
 
 def format_matches(path: str | os.PathLike, fmt: str) -> bool:

@@ -107,6 +107,8 @@ class LatentMeta:
     representation: str  # "mean" | "sample" | "indices"
     dtype: str
     seed: int | None = None
+    input_stamp: str | None = None  # "size:mtime_ns" of the image it was made from (resume)
+    recipe: str | None = None  # canonical JSON of what decided the result (model, options; resume)
 
     @property
     def kind(self) -> str:
@@ -146,6 +148,10 @@ class LatentMeta:
         }
         if self.seed is not None:
             meta["seed"] = str(self.seed)
+        if self.input_stamp is not None:
+            meta["input_stamp"] = self.input_stamp
+        if self.recipe is not None:
+            meta["recipe"] = self.recipe
         return meta
 
     def to_json(self) -> dict:
@@ -195,6 +201,8 @@ def make_meta(
     representation: str,
     scaled: bool = False,
     seed: int | None = None,
+    input_stamp: str | None = None,
+    recipe: str | None = None,
 ) -> LatentMeta:
     """The metadata for a latent of a ``width`` x ``height`` image made by ``model``."""
     c = model.config
@@ -215,6 +223,8 @@ def make_meta(
         representation=representation,
         dtype=storage_dtype_name(c),
         seed=seed,
+        input_stamp=input_stamp,
+        recipe=recipe,
     )
 
 
@@ -372,7 +382,20 @@ def parse_meta(path: Path, metadata: dict[str, str]) -> LatentMeta:
         representation=representation,
         dtype=dtype,
         seed=seed,
+        input_stamp=_optional(metadata, "input_stamp", 64),
+        recipe=_optional(metadata, "recipe", 4096),
     )
+
+
+def _optional(metadata: dict[str, str], name: str, limit: int) -> str | None:
+    value = metadata.get(name)
+    return value if isinstance(value, str) and len(value) <= limit else None
+
+
+def read_provenance(path: str | os.PathLike) -> tuple[str | None, str | None]:
+    """``(input_stamp, recipe)`` of a vqcli latent file, from its header alone (resume)."""
+    meta = read_safetensors_header(Path(path)).get("__metadata__") or {}
+    return _optional(meta, "input_stamp", 64), _optional(meta, "recipe", 4096)
 
 
 def check_tensor(path: Path, tensor: torch.Tensor, meta: LatentMeta) -> None:

@@ -165,17 +165,18 @@ def _compute_and_write(stream, batch_size: int, how, finish, options) -> Iterato
 
 
 def each_job(
-    jobs, prepare: Callable[[Job], Any], *, overwrite: bool, ours, workers: int = 0, ahead: int = 4
+    jobs, prepare: Callable[[Job], Any], *, overwrite: bool, ours, workers: int = 0, ahead: int = 4, stale=None
 ) -> Iterator[Any]:
     """``prepare(job)`` for each job whose output is not in the way; failed or skipped results
     pass through, and a ``FileError`` becomes that job's failed result. With ``workers``, that
-    many threads prepare up to ``ahead`` jobs ahead of the consumer (results in order)."""
+    many threads prepare up to ``ahead`` jobs ahead of the consumer (results in order).
+    ``stale``: see ``check_existing``."""
 
     def one(job):
         if isinstance(job, FileResult):
             return job
         sweep_stale(job.output.parent)  # what killed runs left there (once per folder)
-        done = check_existing(job, overwrite=overwrite, ours=ours)
+        done = check_existing(job, overwrite=overwrite, ours=ours, stale=stale)
         if done is not None:
             return done
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -16,11 +17,12 @@ from vqcli.checkpoints.load import resolve_model, with_factors
 from vqcli.checkpoints.registry import is_embedded
 from vqcli.errors import FileError, UsageError, VqcliError
 from vqcli.io import latents as lat
-from vqcli.io.images import DEFAULT_MAX_PIXELS, save_image, written_by_vqcli
+from vqcli.io.images import DEFAULT_MAX_PIXELS, save_image, vqcli_mark, written_by_vqcli
 from vqcli.io.padding import from_model_output
 from vqcli.model.autoencoder import AutoEncoder
 from vqcli.pipeline.batching import Item, _compute_and_write, _run, _write, each_job
 from vqcli.pipeline.jobs import check_inputs, decoded_name
+from vqcli.pipeline.provenance import input_stamp, recipe_text, stale_reason
 from vqcli.pipeline.results import FileResult, Job, _from_error
 from vqcli.pipeline.selection import Selection, block_size, latent_source, select_jobs
 from vqcli.speed.precision import choose_dtype
@@ -36,6 +38,10 @@ class DecodeOptions:
     io_threads: int = 1  # threads reading latents ahead (plus one writing images behind); 0: none
     compile: bool = False  # torch.compile the coders (images that fit whole; see vqcli.speed.tiling)
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # refuse latents that decode to more (None: no limit)
+
+    def recipe(self) -> dict:
+        """What decides an image besides its latent file (whose model the file names)."""
+        return {"format": self.fmt, "quality": None if self.fmt == "png" else self.quality}
 
 
 class ModelChooser:
@@ -135,6 +141,7 @@ def decode_files(
         ours=written_by_vqcli,
         workers=options.io_threads,
         ahead=2 * options.batch_size + 1,
+        stale=functools.partial(_stale, expected=options.recipe()),
     )
 
     def how(batch: list[Item]):
@@ -143,6 +150,23 @@ def decode_files(
 
     finish = functools.partial(_finish_decode, options=options)
     yield from _compute_and_write(stream, options.batch_size, how, finish, options)
+
+
+def image_mark(job: Job, options: DecodeOptions) -> str:
+    """What an image records of its making (in its EXIF, after ``vqcli``): the latent file's stamp
+    and the recipe."""
+    return recipe_text({"input": input_stamp(job), "recipe": options.recipe()})
+
+
+def _stale(job: Job, out: Path, expected: dict) -> str | None:
+    try:
+        found = json.loads(vqcli_mark(out) or "null")
+    except json.JSONDecodeError:
+        found = None
+    if not isinstance(found, dict):
+        found = {}
+    recipe = found.get("recipe")
+    return stale_reason(input_stamp(job), expected, found.get("input"), recipe_text(recipe) if recipe else None)
 
 
 def prepare_latent(job: Job, models: ModelChooser, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Item:
@@ -173,7 +197,14 @@ def _finish_decode(item: Item, out, redone: bool, options: DecodeOptions) -> Fil
     rgb = from_model_output(out[0], info["height"], info["width"])
     return _write(
         job,
-        lambda: save_image(rgb, job.output, fmt=options.fmt, quality=options.quality, overwrite=options.overwrite),
+        lambda: save_image(
+            rgb,
+            job.output,
+            fmt=options.fmt,
+            quality=options.quality,
+            overwrite=options.overwrite,
+            mark=image_mark(job, options),
+        ),
         redone,
         info,
     )

@@ -23,6 +23,7 @@ from vqcli.io.padding import pad_to_multiple, to_model_input
 from vqcli.model.autoencoder import AutoEncoder
 from vqcli.pipeline.batching import Item, _compute_and_write, _run, _write, each_job
 from vqcli.pipeline.jobs import check_inputs, encoded_name
+from vqcli.pipeline.provenance import input_stamp, recipe_text, stale_reason
 from vqcli.pipeline.results import FAILED, SKIPPED, FileResult, Job, TarJob, _from_error
 from vqcli.pipeline.selection import Selection, block_size, image_source, select_jobs
 from vqcli.pipeline.sources import (
@@ -45,6 +46,20 @@ class EncodeOptions:
     tar_output: bool = False  # a tar shard's latents go into one tar, not a folder
     io_threads: int = 1  # threads loading images ahead (plus one writing behind); 0: none
     compile: bool = False  # torch.compile the coders (images that fit whole; see vqcli.speed.tiling)
+
+    def recipe(self, model: AutoEncoder) -> dict:
+        """What decides a latent besides its image: recorded in it, compared on resume."""
+        c = model.config
+        recipe = {
+            "model_sha256": model.identity(),
+            "scaled": self.scaled,
+            "sample": self.sample,
+            "scale_factor": c.scale_factor,  # (recorded, and read by trainers, even when not applied)
+            "shift_factor": c.shift_factor,
+        }
+        if self.sample:
+            recipe["seed"] = self.seed
+        return recipe
 
 
 def encode_files(
@@ -88,6 +103,7 @@ def _encode_stream(jobs, model, ref, seed, batch_size, dtype, options, put=None)
         ours=lat.is_latent_file,
         workers=options.io_threads,
         ahead=2 * batch_size + 1,
+        stale=functools.partial(_stale, expected=options.recipe(model)),
     )
 
     def how(batch: list[Item]):
@@ -140,6 +156,11 @@ def latent_bytes(tensor: torch.Tensor, meta: lat.LatentMeta) -> bytes:
     return save({lat.KEY: stored}, metadata=meta.to_metadata())
 
 
+def _stale(job: Job, out: Path, expected: dict) -> str | None:
+    stamp, recipe = lat.read_provenance(out)
+    return stale_reason(input_stamp(job), expected, stamp, recipe)
+
+
 def check_encode_options(model: AutoEncoder, options: EncodeOptions) -> None:
     if options.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
@@ -190,6 +211,8 @@ def _finish_encode(item: Item, out, redone: bool, ref: ModelRef, options: Encode
         representation="indices" if model.config.kind == "vq" else ("sample" if options.sample else "mean"),
         scaled=options.scaled,
         seed=item.info.get("seed"),
+        input_stamp=input_stamp(job),
+        recipe=recipe_text(options.recipe(model)),
     )
     if put is not None:
         return _write(job, lambda: put(job, latent_bytes(out[0], meta)), redone, item.info)

@@ -161,11 +161,19 @@ def jobs_from_entries(
             yield TarJob(source, source.parent, t["rel"], t["output"], members=members, to_tar=tar_output, redo=tar_output)
 
 
-def check_existing(job: Job, *, overwrite: bool, ours: Callable[[Path], bool]) -> FileResult | None:
+def check_existing(
+    job: Job,
+    *,
+    overwrite: bool,
+    ours: Callable[[Path], bool],
+    stale: Callable[[Job, Path], str | None] | None = None,
+) -> FileResult | None:
     """``None`` when ``job`` should run; a skipped or failed result when its output is in the way.
 
-    An existing output that vqcli wrote is skipped (resume) or, with ``overwrite``, replaced. Any
-    other file in the way (an original image, someone's file) is never replaced.
+    An existing output that vqcli wrote is skipped (resume) or, with ``overwrite``, replaced; but
+    one that ``stale(job, output)`` finds made otherwise than this run would (another input, model
+    or options, see ``vqcli.pipeline.provenance``) fails with that reason. Any other file in the
+    way (an original image, someone's file) is never replaced.
     """
     out = job.output
     if not os.path.lexists(out):
@@ -182,4 +190,7 @@ def check_existing(job: Job, *, overwrite: bool, ours: Callable[[Path], bool]) -
         )
     if overwrite:
         return None
+    reason = stale(job, out) if stale is not None else None
+    if reason is not None:
+        return FileResult(job.input, out, FAILED, reason, job=job)
     return FileResult(job.input, out, SKIPPED, "exists", job=job)
