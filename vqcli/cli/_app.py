@@ -3,19 +3,38 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import re
 import signal
-from typing import Callable
+from typing import Any, Callable
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from vqcli.errors import UsageError, VqcliError
 
+
+class _Commands(TyperGroup):
+    """vqcli's commands; a usage error found while parsing a command line that asks for ``--json``
+    (a bad option value, a missing argument) also gives the JSON error object on stdout."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        args = [*getattr(ctx, "_protected_args", []), *ctx.args]  # (the group's invoke consumes them)
+        try:
+            return super().invoke(ctx)
+        except typer.TyperException as e:  # (the base of Typer's click exceptions: usage errors)
+            if "--json" in args and hasattr(e, "format_message"):
+                command = args[0] if args and not args[0].startswith("-") else None
+                print_json_error(command, e.format_message(), getattr(e, "exit_code", EXIT_USAGE))
+            raise
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="vqcli",
     help="Encode images into autoencoder latents and reconstruct them.",
     no_args_is_help=True,
@@ -80,9 +99,29 @@ class _PlainFormatter(logging.Formatter):
         return plain(super().format(record))
 
 
+def json_result(command: str | None, ok: bool, **fields: Any) -> dict[str, Any]:
+    """The envelope of every ``--json`` object: the command, whether it went well, then its fields."""
+    return {"command": command, "ok": ok, **fields}
+
+
+def print_json_error(command: str | None, message: str, code: int) -> None:
+    """A fatal error as ``--json`` output: one object on stdout (the message also goes to stderr)."""
+    out_console.print_json(json.dumps(json_result(command, False, error=message, exit_code=code)))
+
+
+class _JsonMode:
+    """The command under way when it was asked for ``--json`` (None otherwise): ``fail`` then also
+    says its error as a JSON object on stdout."""
+
+    command: str | None = None
+
+
 def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
-    """Print ``error: message`` on stderr and return the Exit to raise."""
+    """Print ``error: message`` on stderr (and, under ``--json``, the error object on stdout) and
+    return the Exit to raise."""
     err_console.print(f"[bold red]error:[/] {shown(message)}", highlight=False, markup=True, soft_wrap=True)
+    if _JsonMode.command is not None:
+        print_json_error(_JsonMode.command, message, code)
     return typer.Exit(code)
 
 
@@ -91,6 +130,7 @@ def handle_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        _JsonMode.command = fn.__name__ if kwargs.get("as_json") else None
         try:
             return fn(*args, **kwargs)
         except typer.Exit:
@@ -110,6 +150,8 @@ def handle_errors(fn: Callable) -> Callable:
             if os.environ.get("VQCLI_DEBUG"):
                 raise
             raise fail(f"{e.filename}: {e.strerror or e}" if e.filename else str(e), EXIT_SOME_FAILED) from None
+        finally:
+            _JsonMode.command = None
 
     return wrapper
 
