@@ -759,6 +759,11 @@ def test_convert_refuses_to_overwrite_unless_asked(kl, tmp_path):
     with pytest.raises(FileError, match="already exists"):
         convert_checkpoint(src, dst)
     assert dst.read_bytes() == b"precious"
+    with pytest.raises(FileError, match="not written by vqcli"):  # --overwrite replaces vqcli's own files only
+        convert_checkpoint(src, dst, overwrite=True)
+    assert dst.read_bytes() == b"precious"
+    dst.unlink()
+    convert_checkpoint(src, dst)
     convert_checkpoint(src, dst, overwrite=True)
     kl.check(load_checkpoint(dst))
 

@@ -111,7 +111,7 @@ def test_no_matching_layer_and_existing_output(tmp_path, model_path, image):
     assert r.exit_code == 2 and "no layer matches nothing*" in r.stderr
     assert runner.invoke(app, [*args, "-q"]).exit_code == 0
     r = runner.invoke(app, args)
-    assert r.exit_code == 2 and "already exists" in r.stderr
+    assert r.exit_code == 1 and "already exists" in r.stderr
     assert runner.invoke(app, [*args, "--overwrite", "-q"]).exit_code == 0
     (tmp_path / "bad.png").write_bytes(b"nope")
     r = runner.invoke(app, ["features", str(tmp_path / "bad.png"), "--model", str(model_path), "-o", str(tmp_path / "g")])

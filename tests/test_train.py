@@ -106,5 +106,5 @@ def test_existing_output_is_not_replaced(photos, tmp_path):
     out = tmp_path / "m.safetensors"
     out.write_bytes(b"precious")
     r = CliRunner().invoke(app, ["train", str(photos), "-o", str(out), "--steps", "2", *TINY])
-    assert r.exit_code == 2 and "already exists" in r.output
+    assert r.exit_code == 1 and "already exists" in r.output
     assert out.read_bytes() == b"precious"

@@ -16,6 +16,7 @@ from vqcli.checkpoints.native import save_native
 from vqcli.checkpoints.read import load_checkpoint
 from vqcli.errors import ConfigError, FileError, UsageError
 from vqcli.io.atomic import as_os_error, current_umask, make_temp_dir
+from vqcli.io.ownership import check_replaceable
 from vqcli.model.autoencoder import AutoEncoder
 from vqcli.model.config import AutoEncoderConfig, attention_levels
 
@@ -148,10 +149,9 @@ def convert_checkpoint(
     if to not in ("vqcli", "diffusers"):
         raise UsageError(f"unknown target format {to!r} (use vqcli or diffusers)")
     if to == "vqcli":
-        if target.exists() and not overwrite:
-            raise FileError(target, "already exists (pass --overwrite to replace it)")
         if target.is_dir():
             raise FileError(target, "is a folder; vqcli's format is one .safetensors file")
+        check_replaceable(target, overwrite=overwrite)
     else:
         _check_replaceable(target, overwrite)
     model = load_checkpoint(src, preset=preset, scale_factor=scale_factor, shift_factor=shift_factor, dtype=dtype)

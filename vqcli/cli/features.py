@@ -72,6 +72,7 @@ def features(
 ) -> None:
     from vqcli.checkpoints.load import model_ref, resolve_model
     from vqcli.io.images import load_image
+    from vqcli.io.ownership import check_replaceable
     from vqcli.pipeline.features import (
         extract_features,
         layer_grid,
@@ -88,11 +89,8 @@ def features(
     if not image.exists():
         raise fail(f"{image}: no such file")
     out = output if output is not None else Path(f"{image.name}.features")
-    targets = [out / "features.safetensors", out / "overview.png"]
-    if not overwrite:
-        existing = [p for p in targets if p.exists()]
-        if existing:
-            raise fail(f"{existing[0]}: already exists (use --overwrite to replace it)")
+    for target in (out / "features.safetensors", out / "overview.png"):
+        check_replaceable(target, overwrite=overwrite)
     torch_device, torch_dtype = setup_device(device, dtype)
     ae = resolve_model(model, device=torch_device, dtype=torch_dtype, preset=preset)
     torch_dtype = settle_dtype(ae, torch_device, torch_dtype)
@@ -100,6 +98,8 @@ def features(
     maps = select_layers(extract_features(ae, rgb, dtype=torch_dtype), layers or [])
     if not maps:
         raise fail(f"no layer matches {', '.join(layers or [])}")
+    for key in maps:  # (checked, all of them, before anything is written)
+        check_replaceable(out / "layers" / f"{key}.png", overwrite=overwrite)
 
     height, width = rgb.shape[:2]
     meta = {"source": image.name, "width": str(width), "height": str(height), "model": model_ref(model).name,

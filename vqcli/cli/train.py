@@ -93,13 +93,14 @@ def train(
     --checkpoint-every steps, resumable with --resume.
     """
     from vqcli.errors import ConfigError
+    from vqcli.io.ownership import check_replaceable
     from vqcli.model.config import AutoEncoderConfig
     from vqcli.speed.devices import cpu_has_native_bf16, resolve_device
     from vqcli.train import TRAIN_PRESETS, TrainOptions, image_files
     from vqcli.train import train as run_training
 
-    if output.exists() and not overwrite and not resume:
-        raise fail(f"{output}: already exists (use --overwrite to replace it)")
+    # (a resumed run replaces the output it may have written before: vqcli's own only)
+    check_replaceable(output, overwrite=overwrite or resume)
     if preset is not None and preset not in TRAIN_PRESETS:
         raise fail(f"unknown --preset {preset!r}; choose from {', '.join(TRAIN_PRESETS)}")
     base = TRAIN_PRESETS[preset or "default"]

@@ -294,11 +294,16 @@ def save_image(
     image = Image.fromarray(pixels) if pixels.ndim == 3 else Image.fromarray(pixels)
     options: dict = {"quality": quality} if pil_format in ("JPEG", "WEBP") else {}
     if mark:
-        exif = Image.Exif()
-        exif[SOFTWARE_TAG] = f"{SOFTWARE} {mark}" if isinstance(mark, str) else SOFTWARE
-        options["exif"] = exif
+        options["exif"] = vqcli_exif(mark)
     with atomic_path(path, overwrite=overwrite) as tmp:
         image.save(tmp, format=pil_format, **options)
+
+
+def vqcli_exif(mark: bool | str = True) -> Image.Exif:
+    """The EXIF that marks an image as vqcli's (``Software``: ``vqcli``, then ``mark`` if a string)."""
+    exif = Image.Exif()
+    exif[SOFTWARE_TAG] = f"{SOFTWARE} {mark}" if isinstance(mark, str) else SOFTWARE
+    return exif
 
 
 def written_by_vqcli(path: str | os.PathLike) -> bool:

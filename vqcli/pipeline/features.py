@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from vqcli.io.atomic import atomic_path
+from vqcli.io.images import vqcli_exif
 from vqcli.io.latents import pad_factor
 from vqcli.io.padding import pad_to_multiple, to_model_input
 from vqcli.io.safetensors import write_safetensors
@@ -157,5 +158,6 @@ def overview(features: "OrderedDict[str, torch.Tensor]", *, tile: int = 128, col
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """A PNG marked as vqcli's (so that ``--overwrite`` may replace it later), atomically."""
     with atomic_path(path, overwrite=overwrite) as tmp:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format="PNG", exif=vqcli_exif())
