@@ -93,6 +93,14 @@ def encode(
     scaled: Annotated[bool, typer.Option("--scaled", help="KL models: store diffusion-ready latents, (z - shift_factor) * scale_factor.")] = False,
     scale_factor: Annotated[Optional[float], typer.Option("--scale-factor", help="Override the model's latent scale factor.")] = None,
     shift_factor: Annotated[Optional[float], typer.Option("--shift-factor", help="Override the model's latent shift factor.")] = None,
+    resolution: Annotated[Optional[int], typer.Option("--resolution", min=1, help="Training size: resize the short side to N (LANCZOS), then crop to N x N (with --buckets: buckets of about N*N pixels).", rich_help_panel="Training sets")] = None,
+    size: Annotated[Optional[str], typer.Option("--size", metavar="WxH", help="Training size: resize to cover WxH, then crop to it.", rich_help_panel="Training sets")] = None,
+    crop: Annotated[str, typer.Option("--crop", help="center, or random (seeded by --seed and each image's path, so shards agree).", rich_help_panel="Training sets")] = "center",
+    buckets: Annotated[bool, typer.Option("--buckets", help="With --resolution N: aspect-ratio buckets of about N*N pixels, sides multiples of the model's factor times 8; each image goes to the nearest ratio.", rich_help_panel="Training sets")] = False,
+    flip: Annotated[bool, typer.Option("--flip", help="Also store the latent of the horizontally flipped image (latent_flipped).", rich_help_panel="Training sets")] = False,
+    posterior: Annotated[bool, typer.Option("--posterior", help="KL models: store the mean and the log-variance (latent_logvar), so that a trainer can sample.", rich_help_panel="Training sets")] = False,
+    latent_dtype: Annotated[str, typer.Option("--latent-dtype", help="KL models: the stored dtype: float32, float16 or bfloat16 (computation keeps --dtype).", rich_help_panel="Training sets")] = "float32",
+    layout: Annotated[str, typer.Option("--layout", help="Files for: vqcli (.safetensors), kohya (sd-scripts' .npz latent cache) or comfyui (.latent).", rich_help_panel="Training sets")] = "vqcli",
     preset: PresetOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     max_memory: MaxMemoryOpt = None,
@@ -110,6 +118,10 @@ def encode(
     from vqcli.pipeline.encode import EncodeOptions, encode_files
     from vqcli.pipeline.selection import block_size, count_selected, image_source
 
+    if latent_dtype not in ("float32", "float16", "bfloat16"):
+        raise typer.BadParameter("must be float32, float16 or bfloat16", param_hint="--latent-dtype")
+    if layout not in ("vqcli", "kohya", "comfyui"):
+        raise typer.BadParameter("must be vqcli, kohya or comfyui", param_hint="--layout")
     scale = Scale(inputs, output, shard=shard, manifest=manifest, from_manifest=from_manifest)
     torch_device, torch_dtype = setup_device(device, dtype)
     torch_device = scale.start(torch_device)
@@ -119,6 +131,11 @@ def encode(
     torch_dtype = scale.same(settle_dtype(ae, torch_device, torch_dtype))
     ref = model_ref(model)
     options = EncodeOptions(
+        fit=training_fit(resolution, size, crop, buckets, 8 * ae.config.downsampling),
+        flip=flip,
+        posterior=posterior,
+        latent_dtype=latent_dtype,
+        layout=layout,
         batch_size=batch_size,
         sample=sample,
         seed=scale.seed(sample, seed),
@@ -149,3 +166,26 @@ def encode(
         extra=extra,
     )
     run(report, results, scale)
+
+
+def training_fit(resolution: int | None, size: str | None, crop: str, buckets: bool, step: int):
+    """The training size asked for (``vqcli.io.geometry.Fit``), or None for images as they are."""
+    from vqcli.io.geometry import Fit, parse_size
+
+    if crop not in ("center", "random"):
+        raise typer.BadParameter("must be center or random", param_hint="--crop")
+    if resolution is not None and size is not None:
+        raise typer.BadParameter("give --resolution or --size, not both", param_hint="--size")
+    if buckets and resolution is None:
+        raise typer.BadParameter("needs --resolution N (buckets of about N*N pixels)", param_hint="--buckets")
+    if size is not None:
+        try:
+            width, height = parse_size(size)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--size") from None
+        return Fit("size", width, height, crop=crop)
+    if resolution is None:
+        return None
+    if buckets and resolution < step:
+        raise typer.BadParameter(f"buckets need --resolution of at least {step} for this model", param_hint="--resolution")
+    return Fit("buckets" if buckets else "resolution", resolution, resolution, crop=crop, step=step)

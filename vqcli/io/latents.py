@@ -36,7 +36,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -109,6 +109,9 @@ class LatentMeta:
     seed: int | None = None
     input_stamp: str | None = None  # "size:mtime_ns" of the image it was made from (resume)
     recipe: str | None = None  # canonical JSON of what decided the result (model, options; resume)
+    original_size: tuple[int, int] | None = None  # (height, width) before a resize (None: not resized)
+    crop_top_left: tuple[int, int] = (0, 0)  # (top, left) of the crop in the resized image
+    bucket: bool = False  # the size (height, width) is an aspect-ratio bucket (--buckets)
 
     @property
     def kind(self) -> str:
@@ -152,6 +155,12 @@ class LatentMeta:
             meta["input_stamp"] = self.input_stamp
         if self.recipe is not None:
             meta["recipe"] = self.recipe
+        original = self.original_size or (self.height, self.width)
+        meta["original_size"] = f"{original[0]},{original[1]}"
+        meta["crop_top_left"] = f"{self.crop_top_left[0]},{self.crop_top_left[1]}"
+        meta["target_size"] = f"{self.height},{self.width}"
+        if self.bucket:
+            meta["bucket"] = "true"
         return meta
 
     def to_json(self) -> dict:
@@ -179,10 +188,16 @@ def _bool_text(value: bool) -> str:
     return "true" if value else "false"
 
 
+# Tensors a latent file may hold besides ``latent``, each of its shape and dtype: the latent of the
+# horizontally flipped image (--flip) and the log-variance of the posterior (--posterior, KL).
+EXTRA_KEYS = ("latent_flipped", "latent_logvar", "latent_flipped_logvar")
+
+
 @dataclass
 class Latent:
     tensor: torch.Tensor  # (C, h, w) float for KL, (h, w) integer for VQ
     meta: LatentMeta
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # by EXTRA_KEYS name
 
 
 def _utf8(name: str) -> str:
@@ -203,6 +218,10 @@ def make_meta(
     seed: int | None = None,
     input_stamp: str | None = None,
     recipe: str | None = None,
+    original_size: tuple[int, int] | None = None,
+    crop_top_left: tuple[int, int] = (0, 0),
+    bucket: bool = False,
+    dtype: str | None = None,
 ) -> LatentMeta:
     """The metadata for a latent of a ``width`` x ``height`` image made by ``model``."""
     c = model.config
@@ -221,10 +240,13 @@ def make_meta(
         shift_factor=c.shift_factor,
         scaled=scaled,
         representation=representation,
-        dtype=storage_dtype_name(c),
+        dtype=dtype if dtype is not None and c.kind == "kl" else storage_dtype_name(c),
         seed=seed,
         input_stamp=input_stamp,
         recipe=recipe,
+        original_size=original_size,
+        crop_top_left=crop_top_left,
+        bucket=bucket,
     )
 
 
@@ -241,13 +263,31 @@ def to_storage(tensor: torch.Tensor, meta: LatentMeta) -> torch.Tensor:
     return tensor.detach().to("cpu", dtype).contiguous()
 
 
-def write_latent(path: str | os.PathLike, tensor: torch.Tensor, meta: LatentMeta, *, overwrite: bool = False) -> None:
+def stored_tensors(tensor: torch.Tensor, meta: LatentMeta, extras: dict[str, torch.Tensor] | None = None) -> dict:
+    """The tensors of a latent file, as written (checked against the metadata)."""
+    tensors = {KEY: to_storage(tensor, meta)}
+    for name, extra in (extras or {}).items():
+        if name not in EXTRA_KEYS:
+            raise ValueError(f"{name!r} is not a tensor a latent file holds ({', '.join(EXTRA_KEYS)})")
+        tensors[name] = to_storage(extra, meta)
+    for name, stored in tensors.items():
+        if tuple(stored.shape) != meta.latent_shape:
+            raise ValueError(f"{name} shape {tuple(stored.shape)} does not match its metadata {meta.latent_shape}")
+    return tensors
+
+
+def write_latent(
+    path: str | os.PathLike,
+    tensor: torch.Tensor,
+    meta: LatentMeta,
+    *,
+    overwrite: bool = False,
+    extras: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Write one latent file atomically (``FileExistsError`` if it exists and not ``overwrite``)."""
-    stored = to_storage(tensor, meta)
-    if tuple(stored.shape) != meta.latent_shape:
-        raise ValueError(f"latent shape {tuple(stored.shape)} does not match its metadata {meta.latent_shape}")
     buffer = io.BytesIO()
-    write_safetensors(buffer, {KEY: stored}, meta.to_metadata())  # (the same latent, the same bytes)
+    # (the same latent, the same bytes)
+    write_safetensors(buffer, stored_tensors(tensor, meta, extras), meta.to_metadata())
     # written by Python, not by safetensors' save_file, which takes only paths that are UTF-8 (a
     # subfolder named in Latin-1 is mirrored in the output) and fails with an error of its own
     with atomic_path(path, overwrite=overwrite) as tmp, open(tmp, "wb") as f:
@@ -279,15 +319,18 @@ def read_latent(path: str | os.PathLike, *, max_pixels: int | None = None) -> La
     meta = parse_meta(path, header.get("__metadata__") or {})
     check_pixels(path, meta.padded_width, meta.padded_height, max_pixels, what="the decoded image")
     names = [k for k in header if k != "__metadata__"]
-    if names != [KEY]:
+    if KEY not in names or any(n != KEY and n not in EXTRA_KEYS for n in names):
         found = ", ".join(short_name(n) for n in sorted(names)[:5]) or "none"
-        raise FileError(path, f"a latent file holds exactly one tensor named {KEY!r} (found: {found})")
-    info = header[KEY]
-    _check_shape_and_dtype(path, tuple(info["shape"]), HEADER_DTYPES.get(info["dtype"], info["dtype"][:20]), meta)
+        raise FileError(
+            path, f"a latent file holds a tensor named {KEY!r} and maybe {', '.join(EXTRA_KEYS)} (found: {found})"
+        )
+    for name in names:
+        info = header[name]
+        _check_shape_and_dtype(path, tuple(info["shape"]), HEADER_DTYPES.get(info["dtype"], info["dtype"][:20]), meta)
     tensors, _ = read_safetensors(path)
-    tensor = tensors[KEY]
-    check_tensor(path, tensor, meta)
-    return Latent(tensor, meta)
+    for tensor in tensors.values():
+        check_tensor(path, tensor, meta)
+    return Latent(tensors.pop(KEY), meta, tensors)
 
 
 def parse_meta(path: Path, metadata: dict[str, str]) -> LatentMeta:
@@ -384,7 +427,17 @@ def parse_meta(path: Path, metadata: dict[str, str]) -> LatentMeta:
         seed=seed,
         input_stamp=_optional(metadata, "input_stamp", 64),
         recipe=_optional(metadata, "recipe", 4096),
+        original_size=_pair(path, metadata, "original_size", 1) if "original_size" in metadata else None,
+        crop_top_left=_pair(path, metadata, "crop_top_left", 0) if "crop_top_left" in metadata else (0, 0),
+        bucket=metadata.get("bucket") == "true",
     )
+
+
+def _pair(path: Path, metadata: dict[str, str], name: str, lo: int) -> tuple[int, int]:
+    m = re.fullmatch(r"([0-9]{1,7}),([0-9]{1,7})", metadata[name])
+    if not m or min(int(m.group(1)), int(m.group(2))) < lo:
+        raise FileError(path, f"latent metadata {name}={metadata[name][:30]!r} is not two integers 'a,b' (at least {lo})")
+    return int(m.group(1)), int(m.group(2))
 
 
 def _optional(metadata: dict[str, str], name: str, limit: int) -> str | None:

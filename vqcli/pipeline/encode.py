@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
 import os
 import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,9 +18,11 @@ from vqcli.errors import FileError, UsageError
 from vqcli.io import latents as lat
 from vqcli.io import tarfiles as tario
 from vqcli.io.images import DEFAULT_MAX_PIXELS
+from vqcli.io.geometry import Fit
 from vqcli.io.padding import pad_to_multiple, to_model_input
 from vqcli.model.autoencoder import AutoEncoder
 from vqcli.pipeline.batching import Item, _compute_and_write, _run, _write, each_job
+from vqcli.pipeline.encode_image import Shape, derive_seed, encode_fn, prepare_image, split
 from vqcli.pipeline.jobs import check_inputs, encoded_name
 from vqcli.pipeline.provenance import input_stamp, recipe_text, stale_reason
 from vqcli.pipeline.results import FAILED, SKIPPED, FileResult, Job, TarJob, _from_error
@@ -29,7 +30,6 @@ from vqcli.pipeline.selection import Selection, block_size, image_source, select
 from vqcli.pipeline.sources import (
     check_existing,
     expand_tars,
-    load_job_image,
     member_jobs,
 )
 
@@ -46,6 +46,16 @@ class EncodeOptions:
     tar_output: bool = False  # a tar shard's latents go into one tar, not a folder
     io_threads: int = 1  # threads loading images ahead (plus one writing behind); 0: none
     compile: bool = False  # torch.compile the coders (images that fit whole; see vqcli.speed.tiling)
+    fit: Fit | None = None  # resize and crop to a training size (--resolution, --size, --buckets)
+    crop: str = "center"  # with fit: "center" or "random" (seeded by seed and the image's path)
+    flip: bool = False  # also the latent of the horizontally flipped image
+    posterior: bool = False  # KL: the mean and the log-variance
+    latent_dtype: str = "float32"  # KL: the stored dtype (float32, float16, bfloat16)
+    layout: str = "vqcli"  # the files written: vqcli, kohya or comfyui
+
+    @property
+    def shape(self) -> Shape:
+        return Shape(fit=self.fit, crop_seed=self.seed or 0, flip=self.flip, posterior=self.posterior)
 
     def recipe(self, model: AutoEncoder) -> dict:
         """What decides a latent besides its image: recorded in it, compared on resume."""
@@ -59,6 +69,16 @@ class EncodeOptions:
         }
         if self.sample:
             recipe["seed"] = self.seed
+        if self.fit is not None:
+            recipe["fit"] = self.fit.describe() + (f",seed={self.seed or 0}" if self.fit.crop == "random" else "")
+        if self.flip:
+            recipe["flip"] = True
+        if self.posterior:
+            recipe["posterior"] = True
+        if c.kind == "kl" and self.latent_dtype != "float32":
+            recipe["latent_dtype"] = self.latent_dtype
+        if self.layout != "vqcli":
+            recipe["layout"] = self.layout
         return recipe
 
 
@@ -98,7 +118,7 @@ def _encode_stream(jobs, model, ref, seed, batch_size, dtype, options, put=None)
     """Load, batch, encode and write the images of ``jobs`` (into files, or with ``put``)."""
     stream = each_job(
         jobs,
-        lambda job: prepare_image(job, model, max_pixels=options.max_pixels),
+        lambda job: prepare_image(job, model, max_pixels=options.max_pixels, shape=options.shape),
         overwrite=options.overwrite,
         ours=lat.is_latent_file,
         workers=options.io_threads,
@@ -107,11 +127,12 @@ def _encode_stream(jobs, model, ref, seed, batch_size, dtype, options, put=None)
     )
 
     def how(batch: list[Item]):
+        kind, shape = model.config.kind, options.shape
         if not options.sample:
-            return _encode_fn(model.config.kind, sample=False, scaled=options.scaled, seed=None), dtype
+            return encode_fn(kind, sample=False, scaled=options.scaled, seed=None, shape=shape), dtype
         image_seed = derive_seed(seed, batch[0].job.rel)
         batch[0].info["seed"] = image_seed
-        return _encode_fn(model.config.kind, sample=True, scaled=options.scaled, seed=image_seed), dtype
+        return encode_fn(kind, sample=True, scaled=options.scaled, seed=image_seed, shape=shape), dtype
 
     finish = functools.partial(_finish_encode, ref=ref, options=options, put=put)
     yield from _compute_and_write(stream, batch_size, how, finish, options)
@@ -146,14 +167,11 @@ def _encode_into_tar(tar: TarJob, model, ref, seed, batch_size, dtype, options) 
     yield from results
 
 
-def latent_bytes(tensor: torch.Tensor, meta: lat.LatentMeta) -> bytes:
+def latent_bytes(tensor: torch.Tensor, meta: lat.LatentMeta, extras: dict | None = None) -> bytes:
     """A latent file's bytes, as ``latents.write_latent`` writes them (for a member of a tar)."""
     from safetensors.torch import save
 
-    stored = lat.to_storage(tensor, meta)
-    if tuple(stored.shape) != meta.latent_shape:
-        raise ValueError(f"latent shape {tuple(stored.shape)} does not match its metadata {meta.latent_shape}")
-    return save({lat.KEY: stored}, metadata=meta.to_metadata())
+    return save(lat.stored_tensors(tensor, meta, extras), metadata=meta.to_metadata())
 
 
 def _stale(job: Job, out: Path, expected: dict) -> str | None:
@@ -164,36 +182,12 @@ def _stale(job: Job, out: Path, expected: dict) -> str | None:
 def check_encode_options(model: AutoEncoder, options: EncodeOptions) -> None:
     if options.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
-    if model.config.kind == "vq" and (options.sample or options.scaled):
-        raise UsageError("--sample and --scaled apply to KL models; a VQ model's latents are codebook indices")
-
-
-def derive_seed(seed: int, rel: PurePosixPath) -> int:
-    """The seed of one image's draw: from the run's seed and the image's relative path."""
-    digest = hashlib.sha256(f"{seed}\0{rel.as_posix()}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def prepare_image(job: Job, model: AutoEncoder, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Item:
-    """Load an image, pad it to the model's factor and note its original size."""
-    rgb = load_job_image(job, max_pixels=max_pixels)
-    height, width = rgb.shape[:2]
-    x = pad_to_multiple(to_model_input(rgb), lat.pad_factor(height, width, model.config.downsampling))
-    return Item(job, x, key=tuple(x.shape), model=model, info={"width": width, "height": height})
-
-
-def _encode_fn(kind: str, *, sample: bool, scaled: bool, seed: int | None):
-    if kind == "vq":
-        return lambda model, x: model.encode_indices(x)
-
-    def encode(model: AutoEncoder, x: torch.Tensor) -> torch.Tensor:
-        generator = None
-        if sample:
-            generator = torch.Generator(device=x.device)
-            generator.manual_seed(seed)
-        return model.encode(x, sample=sample, generator=generator, scaled=scaled).float()
-
-    return encode
+    if model.config.kind == "vq" and (options.sample or options.scaled or options.posterior):
+        raise UsageError("--sample, --scaled and --posterior apply to KL models; a VQ model's latents are codebook indices")
+    if options.posterior and options.sample:
+        raise UsageError("--posterior stores the mean and the log-variance; it does not go with --sample")
+    if options.latent_dtype not in lat.FLOAT_DTYPES:
+        raise UsageError(f"--latent-dtype must be one of {', '.join(lat.FLOAT_DTYPES)}")
 
 
 def _finish_encode(item: Item, out, redone: bool, ref: ModelRef, options: EncodeOptions, put=None) -> FileResult:
@@ -213,10 +207,17 @@ def _finish_encode(item: Item, out, redone: bool, ref: ModelRef, options: Encode
         seed=item.info.get("seed"),
         input_stamp=input_stamp(job),
         recipe=recipe_text(options.recipe(model)),
+        original_size=item.info.get("original_size"),
+        crop_top_left=item.info.get("crop_top_left", (0, 0)),
+        bucket=item.info.get("bucket", False),
+        dtype=options.latent_dtype,
     )
+    tensor, extras = split(out[0], model.config.kind, options.shape)
+    info = {k: v for k, v in item.info.items() if k in ("width", "height", "seed")}
     if put is not None:
-        return _write(job, lambda: put(job, latent_bytes(out[0], meta)), redone, item.info)
-    return _write(job, lambda: lat.write_latent(job.output, out[0], meta, overwrite=options.overwrite), redone, item.info)
+        return _write(job, lambda: put(job, latent_bytes(tensor, meta, extras)), redone, info)
+    write = functools.partial(lat.write_latent, job.output, tensor, meta, overwrite=options.overwrite, extras=extras)
+    return _write(job, write, redone, info)
 
 
 def encode_array(
@@ -227,5 +228,5 @@ def encode_array(
     height, width = rgb.shape[:2]
     x = pad_to_multiple(to_model_input(rgb), lat.pad_factor(height, width, model.config.downsampling))
     device = next(model.parameters()).device
-    fn = _encode_fn(model.config.kind, sample=False, scaled=False, seed=None)
+    fn = encode_fn(model.config.kind, sample=False, scaled=False, seed=None)
     return _run(model, fn, x, device, dtype, budget)[0]
