@@ -16,6 +16,7 @@ from vqcli.cli import roundtrip as _roundtrip  # noqa: F401
 from vqcli.cli import features as _features  # noqa: F401
 from vqcli.cli import info as _info  # noqa: F401
 from vqcli.cli import convert as _convert  # noqa: F401
+from vqcli.cli import stats as _stats  # noqa: F401
 from vqcli.cli import train as _train  # noqa: F401
 # isort: on
 
