@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from vqcli.checkpoints.native import save_native
 from vqcli.checkpoints.read import TRAIN_CHECKPOINT_FORMAT
 from vqcli.checkpoints.registry import EMBEDDED
-from vqcli.errors import FileError, UsageError
+from vqcli.errors import FileError, UsageError, VqcliError
 from vqcli.io.atomic import TMP_PREFIX, atomic_path
 from vqcli.io.images import is_image_path, load_image
 from vqcli.model.autoencoder import AutoEncoder
@@ -186,7 +186,10 @@ def validate(model: AutoEncoder, images: Sequence[np.ndarray]) -> float:
     model.eval()
     values = []
     for rgb in images:
-        out = decode_array(model, encode_array(model, rgb), rgb.shape[0], rgb.shape[1])
+        try:
+            out = decode_array(model, encode_array(model, rgb), rgb.shape[0], rgb.shape[1])
+        except ValueError as e:  # NaN or infinite values: a diverged model
+            raise VqcliError(f"validation: {e} (has the training diverged?)") from None
         values.append(metrics.psnr(rgb, out))
     return float(np.mean(values))
 

@@ -71,7 +71,9 @@ def features(
     as_json: JsonOpt = False,
 ) -> None:
     from vqcli.checkpoints.load import model_ref, resolve_model
+    from vqcli.errors import FileError
     from vqcli.io.images import load_image
+    from vqcli.pipeline.batching import NON_FINITE, finite
     from vqcli.io.ownership import check_replaceable
     from vqcli.pipeline.features import (
         extract_features,
@@ -95,7 +97,11 @@ def features(
     ae = resolve_model(model, device=torch_device, dtype=torch_dtype, preset=preset)
     torch_dtype = settle_dtype(ae, torch_device, torch_dtype)
     rgb = load_image(image, max_pixels=max_pixels or None)
-    maps = select_layers(extract_features(ae, rgb, dtype=torch_dtype), layers or [])
+    every = extract_features(ae, rgb, dtype=torch_dtype)
+    bad = next((key for key, t in every.items() if not finite(t)), None)
+    if bad is not None:
+        raise FileError(image, f"layer {bad} has {NON_FINITE}")
+    maps = select_layers(every, layers or [])
     if not maps:
         raise fail(f"no layer matches {', '.join(layers or [])}")
     for key in maps:  # (checked, all of them, before anything is written)

@@ -80,6 +80,34 @@ def batched(
     yield from pending.values()
 
 
+NON_FINITE = "NaN or infinite values"
+
+
+def finite(y: torch.Tensor) -> bool:
+    """Whether a model output is all numbers: floats finite, and codebook indices not negative
+    (-1 marks a position whose code could not be chosen: a NaN or infinite encoder output, see
+    ``vq_indices``)."""
+    if y.is_floating_point():
+        return bool(torch.isfinite(y).all())
+    return not y.numel() or int(y.min()) >= 0
+
+
+def vq_indices(model: AutoEncoder, x: torch.Tensor) -> torch.Tensor:
+    """``model.encode_indices(x)``, with -1 where the encoder's output is not finite (the nearest
+    code to NaN would be index 0, silently)."""
+    h = model.encode_moments(x)
+    indices = model.quantize(h).indices
+    bad = ~torch.isfinite(h).all(dim=1)
+    return indices.masked_fill(bad, -1) if bool(bad.any()) else indices
+
+
+def checked(y: torch.Tensor, what: str) -> torch.Tensor:
+    """``y``, or a ``ValueError`` naming ``what`` made it when it is not finite (see ``finite``)."""
+    if not finite(y):
+        raise ValueError(f"the {what}'s output has {NON_FINITE}")
+    return y
+
+
 def compute(
     batch: list[Item],
     fn: Callable[[AutoEncoder, torch.Tensor], torch.Tensor],
@@ -109,7 +137,7 @@ def compute(
     for i, item in enumerate(batch):
         y = out[i : i + 1]
         redone = False
-        if y.is_floating_point() and not bool(torch.isfinite(y).all()):
+        if not finite(y):
             if dtype != torch.float32:
                 try:
                     y = _run(model, fn, item.data, device, torch.float32, budget, compile)
@@ -117,8 +145,8 @@ def compute(
                     results.append((item, FileError(item.job.input, f"model failed ({first_line(e)})"), False))
                     continue
                 redone = True
-            if not bool(torch.isfinite(y).all()):
-                results.append((item, FileError(item.job.input, "the model's output has NaN or infinite values"), redone))
+            if not finite(y):
+                results.append((item, FileError(item.job.input, f"the model's output has {NON_FINITE}"), redone))
                 continue
         results.append((item, y, redone))
     return results

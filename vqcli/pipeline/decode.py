@@ -20,7 +20,7 @@ from vqcli.io import latents as lat
 from vqcli.io.images import DEFAULT_MAX_PIXELS, save_image, vqcli_mark, written_by_vqcli
 from vqcli.io.padding import from_model_output
 from vqcli.model.autoencoder import AutoEncoder
-from vqcli.pipeline.batching import Item, _compute_and_write, _run, _write, each_job
+from vqcli.pipeline.batching import Item, _compute_and_write, _run, _write, checked, each_job
 from vqcli.pipeline.jobs import check_inputs, decoded_name
 from vqcli.pipeline.provenance import input_stamp, recipe_text, stale_reason
 from vqcli.pipeline.results import FileResult, Job, _from_error
@@ -221,9 +221,10 @@ def decode_array(
     scaled: bool = False,
 ) -> np.ndarray:
     """Inverse of ``encode_array``: the latent back to an (height, width, 3) [0, 1] image
-    (``scaled``: a diffusion-ready latent, unscaled with ``model``'s factors)."""
+    (``scaled``: a diffusion-ready latent, unscaled with ``model``'s factors). A ``ValueError``
+    when the decoder's output is not finite."""
     kind = model.config.kind
     data = (latent.long() if kind == "vq" else latent.float()).unsqueeze(0)
     device = next(model.parameters()).device
-    y = _run(model, _decode_fn(kind, scaled), data, device, dtype, budget)
+    y = checked(_run(model, _decode_fn(kind, scaled), data, device, dtype, budget), "decoder")
     return from_model_output(y[0], height, width)

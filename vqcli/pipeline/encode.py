@@ -21,7 +21,7 @@ from vqcli.io.images import DEFAULT_MAX_PIXELS
 from vqcli.io.geometry import Fit
 from vqcli.io.padding import pad_to_multiple, to_model_input
 from vqcli.model.autoencoder import AutoEncoder
-from vqcli.pipeline.batching import Item, _compute_and_write, _run, _write, each_job
+from vqcli.pipeline.batching import Item, _compute_and_write, _run, _write, checked, each_job
 from vqcli.pipeline.encode_image import Shape, derive_seed, encode_fn, prepare_image, split
 from vqcli.pipeline.jobs import check_inputs, encoded_name
 from vqcli.pipeline.provenance import input_stamp, recipe_text, stale_reason
@@ -224,9 +224,10 @@ def encode_array(
     model: AutoEncoder, rgb: np.ndarray, *, dtype: torch.dtype = torch.float32, budget: int | None = None
 ) -> torch.Tensor:
     """One (H, W, 3) [0, 1] image to its latent (KL mean ``(C, h, w)`` or VQ indices ``(h, w)``);
-    ``budget`` as ``--max-memory`` (None: from the memory free now)."""
+    ``budget`` as ``--max-memory`` (None: from the memory free now). A ``ValueError`` when the
+    encoder's output is not finite."""
     height, width = rgb.shape[:2]
     x = pad_to_multiple(to_model_input(rgb), lat.pad_factor(height, width, model.config.downsampling))
     device = next(model.parameters()).device
     fn = encode_fn(model.config.kind, sample=False, scaled=False, seed=None)
-    return _run(model, fn, x, device, dtype, budget)[0]
+    return checked(_run(model, fn, x, device, dtype, budget), "encoder")[0]

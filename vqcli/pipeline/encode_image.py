@@ -24,7 +24,7 @@ from vqcli.io.images import DEFAULT_MAX_PIXELS
 from vqcli.io.padding import pad_to_multiple, to_model_input
 from vqcli.model.autoencoder import AutoEncoder
 from vqcli.model.quantize import DiagonalGaussian
-from vqcli.pipeline.batching import Item
+from vqcli.pipeline.batching import Item, vq_indices
 from vqcli.pipeline.results import Job
 from vqcli.pipeline.sources import load_job_image
 
@@ -83,7 +83,7 @@ def encode_fn(kind: str, *, sample: bool, scaled: bool, seed: int | None, shape:
 
     def one(model: AutoEncoder, x: torch.Tensor) -> torch.Tensor:
         if kind == "vq":
-            return model.encode_indices(x)
+            return vq_indices(model, x)  # (-1 where the encoder's output is not finite)
         if not shape.posterior:
             generator = None
             if sample:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vqcli.errors import FileError
 from vqcli.io.images import DEFAULT_MAX_PIXELS, save_image, to_uint8, written_by_vqcli
 from vqcli.metrics import error_map, psnr, ssim
 from vqcli.model.autoencoder import AutoEncoder
@@ -76,7 +77,10 @@ def _one(
 ) -> FileResult:
     rgb = load_job_image(job, max_pixels=max_pixels)
     original = to_uint8(rgb)
-    reconstruction = roundtrip_image(model, rgb, dtype=dtype, budget=budget)
+    try:
+        reconstruction = roundtrip_image(model, rgb, dtype=dtype, budget=budget)
+    except ValueError as e:  # NaN or infinite values on the way (see encode_array, decode_array)
+        raise FileError(job.input, str(e)) from None
     save_image(side_by_side(original, reconstruction), job.output, overwrite=overwrite)
     info = {
         "width": int(rgb.shape[1]),
