@@ -152,6 +152,31 @@ def test_a_failed_write_stops_the_writes_queued_behind_it():
     assert ran == ["fail"]
 
 
+def test_a_failed_write_is_raised_after_the_results_written_before_it():
+    """The schedule that made tests/faults/test_disk_full.py fail on a busy machine, forced: the
+    second write finishes while the caller waits for nothing, the third fails, and the caller takes
+    both at once. The second one's result must be given before the third's error (its file is on
+    disk: the summary must count it), whatever the interleaving."""
+    import concurrent.futures as cf
+
+    second = threading.Event()
+    writer = WriteBehind(depth=2)
+
+    def full():
+        raise OSError("no space")
+
+    given = list(writer.submit(lambda: "r1"))
+    given += list(writer.submit(lambda: second.wait(10) and "r2"))
+    given += list(writer.submit(full))  # r1 taken (over the depth); r2 still running
+    second.set()
+    cf.wait(list(writer.pending))  # r2 done, the third failed: neither taken yet
+    with pytest.raises(OSError, match="no space"):
+        for result in writer.submit(lambda: "r4"):
+            given.append(result)
+    writer.close()
+    assert given == ["r1", "r2"]
+
+
 def test_cli_results_do_not_depend_on_io_threads(tmp_path):
     """Latents and images are bit-identical with 0, 1 and 3 I/O threads; a broken file fails the
     same way; the summaries agree."""

@@ -43,6 +43,13 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int, ahead
 WRITE_DEPTH = 2  # writes queued behind the model before it waits for the oldest
 
 
+class _Raised:
+    """A write job's exception, kept in ``WriteBehind.ready`` in its job's place."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
 class WriteBehind:
     """Runs write jobs (functions returning a result) on one thread, in order, at most ``depth``
     queued; ``submit`` gives the results that are ready, ``drain`` all the others.
@@ -74,7 +81,8 @@ class WriteBehind:
         else:
             self.pending.append(self.pool.submit(self._run, job))
             while self.pending and (len(self.pending) > self.depth or self.pending[0].done()):
-                self._take_oldest()
+                if not self._take_oldest():
+                    break
         return self._give()
 
     def _run(self, job: Callable[[], R]) -> R:
@@ -88,20 +96,31 @@ class WriteBehind:
 
     def drain(self) -> Iterator[R]:
         """Wait for every queued job; give all the results not given yet, in order."""
-        while self.pending:
-            self._take_oldest()
+        while self.pending and self._take_oldest():
+            pass
         return self._give()
 
-    def _take_oldest(self) -> None:
-        """Wait for the oldest job, then move its result to ``ready``. The wait comes first, with the
-        job still in ``pending``: a Ctrl-C during it leaves the job there for ``drain``, where taking
-        it off first lost its result while its file was written (the summary then missed a file)."""
+    def _take_oldest(self) -> bool:
+        """Wait for the oldest job, then move its result (or its exception) to ``ready``; False when
+        it raised. The wait comes first, with the job still in ``pending``: a Ctrl-C during it leaves
+        the job there for ``drain``, where taking it off first lost its result while its file was
+        written (the summary then missed a file)."""
         cf.wait([self.pending[0]])
-        self.ready.append(self.pending.popleft().result())
+        future = self.pending.popleft()
+        error = future.exception()
+        self.ready.append(_Raised(error) if error is not None else future.result())
+        return error is None
 
     def _give(self) -> Iterator[R]:
+        """The results in ``ready``, oldest first; a job's exception is raised at its turn, after
+        the results of the jobs before it (whose files are written: they must be counted), however
+        the writer thread and the caller happened to interleave."""
         while self.ready:
-            yield self.ready.popleft()
+            result = self.ready.popleft()
+            if isinstance(result, _Raised):
+                self.ready.clear()
+                raise result.error
+            yield result
 
     def close(self) -> None:
         if self.pool is not None:
