@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from vqcli.checkpoints.hub import parse_repo_id, resolve_repo
 from vqcli.checkpoints.read import load_checkpoint
 from vqcli.checkpoints.registry import EMBEDDED_MODELS, embedded_path, is_embedded
 from vqcli.errors import UsageError
@@ -37,11 +38,14 @@ class ModelRef:
     path: Path  # the file it was read from
 
 
-def model_ref(spec: str) -> ModelRef:
-    """What ``spec`` names, without loading anything."""
+def model_ref(spec: str, subfolder: str | None = None) -> ModelRef:
+    """What ``spec`` names, without loading anything: an embedded model, a file or folder, or a
+    repository id in the local Hugging Face cache (``UsageError`` when it is not there)."""
     if is_embedded(spec):
         return ModelRef(spec, True, embedded_path(spec))
     path = Path(spec).expanduser()
+    if subfolder is not None or (not path.exists() and parse_repo_id(spec) is not None):
+        return ModelRef(spec if subfolder is None else f"{spec}/{subfolder}", False, resolve_repo(spec, subfolder))
     return ModelRef(path.name, False, path)
 
 
@@ -53,6 +57,7 @@ def resolve_model(
     preset: str | None = None,
     scale_factor: float | None = None,
     shift_factor: float | None = None,
+    subfolder: str | None = None,
 ) -> AutoEncoder:
     """Load the model ``spec`` names, ready for inference on ``device`` (eval mode).
 
@@ -61,7 +66,7 @@ def resolve_model(
     the checkpoint reader (they matter for foreign checkpoints; factors override the model's).
     Raises ``UsageError`` for a spec that names nothing, ``FileError`` for a file that cannot be read.
     """
-    ref = model_ref(spec)
+    ref = model_ref(spec, subfolder)
     if ref.embedded:
         if not ref.path.is_file():
             raise UsageError(

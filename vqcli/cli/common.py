@@ -36,7 +36,10 @@ from vqcli.pipeline.results import DONE, FAILED, SKIPPED, FileResult, StopRun
 
 # --- options --------------------------------------------------------------------------------------
 
-MODEL_HELP = "The model: 'default' (embedded KL model), 'default-vq' (embedded VQ model) or a weights file."
+MODEL_HELP = (
+    "The model: 'default' (embedded KL model), 'default-vq' (embedded VQ model), a weights file or folder, or "
+    "ORG/NAME[@REVISION] from the local Hugging Face cache (offline; a pipeline's vae/ folder by default)."
+)
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
 OptionalModelOpt = Annotated[
     Optional[str],
@@ -54,6 +57,10 @@ DtypeOpt = Annotated[
     ),
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images of equal size computed together.")]
+SubfolderOpt = Annotated[
+    Optional[str],
+    typer.Option("--subfolder", help="With --model ORG/NAME: the folder of the snapshot that holds the autoencoder."),
+]
 PresetOpt = Annotated[
     Optional[str], typer.Option("--preset", help="Architecture preset, for checkpoints that do not describe themselves.")
 ]

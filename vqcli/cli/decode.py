@@ -20,6 +20,7 @@ from vqcli.cli.common import (
     OptionalModelOpt,
     OverwriteOpt,
     PresetOpt,
+    SubfolderOpt,
     QuietOpt,
     dtype_name,
     epilog,
@@ -71,6 +72,7 @@ def decode(
     fmt: Annotated[str, typer.Option("--format", "-f", help="Image format: png, jpg or webp.")] = "png",
     quality: Annotated[int, typer.Option("--quality", min=1, max=100, help="jpg and webp quality.")] = 95,
     preset: PresetOpt = None,
+    subfolder: SubfolderOpt = None,
     max_memory: MaxMemoryOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     io_threads: IoThreadsOpt = 1,
@@ -94,7 +96,7 @@ def decode(
     torch_device, torch_dtype = setup_device(device, dtype)
     torch_device = scale.start(torch_device)
     if model is not None:
-        ae = resolve_model(model, device=torch_device, dtype=torch_dtype, preset=preset)
+        ae = resolve_model(model, device=torch_device, dtype=torch_dtype, preset=preset, subfolder=subfolder)
         torch_dtype = scale.same(settle_dtype(ae, torch_device, torch_dtype))
         chooser = ModelChooser(ae, f"--model {model}", device=torch_device, dtype=torch_dtype)
         model_info = {"name": model, "sha256": ae.identity(), "kind": ae.config.kind}

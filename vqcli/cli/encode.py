@@ -20,6 +20,7 @@ from vqcli.cli.common import (
     ModelOpt,
     OverwriteOpt,
     PresetOpt,
+    SubfolderOpt,
     QuietOpt,
     dtype_name,
     epilog,
@@ -102,6 +103,7 @@ def encode(
     latent_dtype: Annotated[str, typer.Option("--latent-dtype", help="KL models: the stored dtype: float32, float16 or bfloat16 (computation keeps --dtype).", rich_help_panel="Training sets")] = "float32",
     layout: Annotated[str, typer.Option("--layout", help="Files for: vqcli (.safetensors), kohya (sd-scripts' .npz latent cache) or comfyui (.latent).", rich_help_panel="Training sets")] = "vqcli",
     preset: PresetOpt = None,
+    subfolder: SubfolderOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     max_memory: MaxMemoryOpt = None,
     io_threads: IoThreadsOpt = 1,
@@ -126,10 +128,16 @@ def encode(
     torch_device, torch_dtype = setup_device(device, dtype)
     torch_device = scale.start(torch_device)
     ae = resolve_model(
-        model, device=torch_device, dtype=torch_dtype, preset=preset, scale_factor=scale_factor, shift_factor=shift_factor
+        model,
+        device=torch_device,
+        dtype=torch_dtype,
+        preset=preset,
+        scale_factor=scale_factor,
+        shift_factor=shift_factor,
+        subfolder=subfolder,
     )
     torch_dtype = scale.same(settle_dtype(ae, torch_device, torch_dtype))
-    ref = model_ref(model)
+    ref = model_ref(model, subfolder)
     options = EncodeOptions(
         fit=training_fit(resolution, size, crop, buckets, 8 * ae.config.downsampling),
         flip=flip,
