@@ -231,7 +231,8 @@ def test_member_errors_name_the_member(tmp_path):
 
 def test_member_names_are_normalised_or_refused():
     assert tario.member_name("./a/b.jpg") == (PurePosixPath("a/b.jpg"), "")
-    assert tario.member_name("a/../../b.jpg")[1].startswith("its name leads out")
-    assert tario.member_name("/etc/x.jpg")[1].startswith("its name is an absolute path")
+    assert "leads out of its folder" in tario.member_name("a/../../b.jpg")[1]
+    assert "is an absolute path" in tario.member_name("/etc/x.jpg")[1]
+    assert "backslash" in tario.member_name("..\\x.jpg")[1]
     assert tario.plain_name("s.tar.gz") == "s.tar" and tario.plain_name("s.tgz") == "s.tar" and tario.plain_name("s.tar") == "s.tar"
     assert tario.is_tar_path("x/S.TAR") and not tario.is_tar_path("x.tar.png")

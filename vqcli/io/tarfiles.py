@@ -5,9 +5,10 @@ Large training sets come as tar shards of a few thousand samples each (WebDatase
 
 - ``read_members`` streams a tar once, sequentially (``tarfile``'s stream mode, so plain, gzip,
   bzip2 and xz tars are read without seeking), giving the regular-file members a filter accepts,
-  in tar order, each with its bytes. Member names are checked: an absolute name or one with a
-  ``..`` part is never used (it would name a file outside the output folder); ``./a.jpg`` is
-  ``a.jpg``.
+  in tar order, each with its bytes, and nothing kept per member. Member names are checked
+  (``vqcli.io.relpaths``): an absolute name, one with a ``..`` part, a backslash or too deep is
+  never used (it could name a file outside the output folder); ``./a.jpg`` is ``a.jpg``. Links are
+  reported, not followed; a member too large for ``check`` is never read.
 - ``vqcli.io.images.load_image_bytes`` decodes a member exactly as
   ``images.load_image`` decodes a file, naming the member in errors.
 - ``write_tar`` writes a tar atomically (temporary name, then rename), in the POSIX pax format,
@@ -30,6 +31,7 @@ from pathlib import Path, PurePosixPath
 
 from vqcli.errors import FileError, first_line
 from vqcli.io.atomic import atomic_path
+from vqcli.io.relpaths import UnsafePath, describe, split_rel
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 
@@ -62,38 +64,54 @@ class Member:
 
 
 def member_name(raw: str) -> tuple[PurePosixPath, str]:
-    """The normalised name of a member and, when it must not be used, why."""
-    name = PurePosixPath(raw)
-    if raw.startswith("/") or name.is_absolute():
-        return name, "its name is an absolute path; not used"
-    if ".." in name.parts:
-        return name, "its name leads out of the tar's folder ('..'); not used"
-    if not name.parts:
-        return name, "it has no name; not used"
-    return name, ""
+    """The normalised name of a member and, when it must not be used, why (``relpaths.split_rel``)."""
+    try:
+        return PurePosixPath(*split_rel(raw)), ""
+    except UnsafePath as e:
+        return PurePosixPath(raw.replace("\0", "")), f"its name {describe(raw)} is unsafe ({e}); not used"
+
+
+HEAD_BYTES = 64 * 1024  # what ``check`` sees of a member before the rest is read
 
 
 def read_members(
-    path: Path, accept: Callable[[str], bool], wanted: Callable[[PurePosixPath], bool] | None = None
+    path: Path,
+    accept: Callable[[str], bool],
+    wanted: Callable[[PurePosixPath], bool] | None = None,
+    check: Callable[[int, bytes], str] | None = None,
 ) -> Iterator[Member]:
     """The regular-file members whose names ``accept`` (given the base name) approves, in order.
 
     Only members ``wanted`` approves (default: all) are read; the others are passed over without
-    their bytes. A tar that cannot be opened or is damaged raises ``FileError`` naming it, after
-    the members before the damage.
+    their bytes. ``check(size, head)``, given a member's size from its header and its first
+    ``HEAD_BYTES``, returns why the member must not be read whole (too large) or ``""``; a refused
+    member is passed over unread, so a small compressed tar holding a huge member costs no memory.
+    Link members (hard or symbolic) whose names ``accept`` approves are given with a problem, never
+    followed. Nothing is kept per member: memory does not grow with the number of members. A tar
+    that cannot be opened or is damaged raises ``FileError`` naming it, after the members before
+    the damage.
     """
     try:
         with tarfile.open(path, mode="r|*") as tf:
             for info in tf:
-                if not info.isfile() or not accept(PurePosixPath(info.name).name):
+                tf.members.clear()  # stream mode would keep every header read (hundreds of bytes each)
+                if not (info.isfile() or info.islnk() or info.issym()) or not accept(PurePosixPath(info.name).name):
                     continue
                 name, problem = member_name(info.name)
+                if not problem and not info.isfile():
+                    kind = "a hard link" if info.islnk() else "a symbolic link"
+                    problem = f"{kind} (to {info.linkname[:200]!r}); links inside tars are not followed, not used"
                 if problem or (wanted is not None and not wanted(name)):
                     yield Member(name, info.size, int(info.mtime), None, problem)
                     continue
                 f = tf.extractfile(info)
-                data = f.read() if f is not None else b""
-                yield Member(name, info.size, int(info.mtime), data)
+                head = f.read(min(info.size, HEAD_BYTES)) if f is not None else b""
+                refused = check(info.size, head) if check is not None else ""
+                if refused:
+                    yield Member(name, info.size, int(info.mtime), None, refused)
+                    continue
+                rest = f.read(info.size - len(head)) if f is not None and info.size > len(head) else b""
+                yield Member(name, info.size, int(info.mtime), head + rest)
     except FileNotFoundError:
         raise FileError(path, "no such file") from None
     except PermissionError:
@@ -105,12 +123,17 @@ def read_members(
 
 
 def count_members(path: Path, accept: Callable[[str], bool]) -> int:
-    """How many members ``read_members`` would give (headers only; for progress bars)."""
+    """How many members ``read_members`` would give (headers only, nothing kept; for progress bars)."""
+    n = 0
     try:
-        with tarfile.open(path, mode="r:*") as tf:
-            return sum(1 for info in tf if info.isfile() and accept(PurePosixPath(info.name).name))
+        with tarfile.open(path, mode="r|*") as tf:
+            for info in tf:
+                tf.members.clear()
+                if (info.isfile() or info.islnk() or info.issym()) and accept(PurePosixPath(info.name).name):
+                    n += 1
     except (tarfile.TarError, OSError, EOFError):
-        return 0
+        pass
+    return n
 
 
 class TarSink:

@@ -11,8 +11,10 @@ from vqcli.errors import UsageError
 from vqcli.io import latents as lat
 from vqcli.io import tarfiles as tario
 from vqcli.io.atomic import TMP_PREFIX
+from vqcli.io import relpaths
+from vqcli.io.relpaths import UnsafePath, split_rel
 from vqcli.io.images import OUTPUT_FORMATS, format_matches, is_image_path
-from vqcli.pipeline.results import FileResult, Job, TarJob, _failed
+from vqcli.pipeline.results import SKIPPED, FileResult, Job, TarJob, _failed
 
 log = logging.getLogger(__name__)
 
@@ -50,53 +52,127 @@ def check_inputs(paths: Sequence[Path], output_dir: Path | None = None) -> None:
         raise UsageError(f"{output_dir}: the output must be a folder, and this is a file")
 
 
+def output_path(folder: Path, rel: str | PurePosixPath, name: Callable[[str], str] = str) -> Path:
+    """The output of the input at ``rel`` (its last part renamed by ``name``) inside ``folder``.
+
+    The one place outputs are named from relative paths, whatever they came from (a walk, a
+    manifest line, a tar member): ``rel`` must be a plain relative path (``relpaths.split_rel``) and
+    the output, with the links already on disk resolved, must stay inside ``folder``; otherwise
+    ``UnsafePath`` says why.
+    """
+    parts = split_rel(rel)
+    renamed = name(parts[-1])
+    if renamed != parts[-1]:
+        split_rel(renamed)
+    output = folder.joinpath(*parts[:-1], renamed)
+    if not relpaths.inside(folder, output.parent if len(parts) > 1 else output):
+        if len(parts) > 1 or os.path.islink(output):
+            raise UnsafePath(f"its output {output} would lie outside {folder} (through a link)")
+    return output
+
+
 def walk(
     paths: Sequence[Path], accept: Callable[[str], bool], *, exclude: Path | None = None
 ) -> Iterator[tuple[Path, Path, PurePosixPath] | FileResult]:
     """``(file, root, relative path)`` for each input, in sorted order, as it is found.
 
-    Folders are walked recursively (following symbolic links, each real folder once, so that link
-    loops end), taking the files ``accept`` (given the name) approves; files named directly are
-    taken whatever their name. ``exclude`` (the output folder) is not walked into. Folders that
-    cannot be read give a failed ``FileResult``.
+    Folders are walked (following symbolic links, each real folder once, so that link loops end),
+    taking the files ``accept`` (given the name) approves; files named directly are taken whatever
+    their name. ``exclude`` (the output folder) is not walked into. Folders that cannot be read give
+    a failed ``FileResult``. No recursion, and no cost growing with depth per folder: a tree
+    thousands of folders deep is walked as fast as a wide one.
     """
     for path in paths:
         path = Path(path)
         if path.is_dir():
-            seen: set[str] = set()
-            yield from _walk_dir(path, path, accept, seen, _real(exclude) if exclude else None)
+            yield from _walk_dir(path, accept, _identity(exclude) if exclude else None)
         else:
             yield path, path.parent, PurePosixPath(path.name)
 
 
-def _real(path: Path) -> str:
-    return os.path.realpath(path)
-
-
-def _walk_dir(root: Path, folder: Path, accept, seen: set[str], exclude: str | None):
-    real = _real(folder)
-    if real in seen:
-        return
-    seen.add(real)
+def _identity(path: Path | str) -> tuple[int, int] | None:
     try:
-        with os.scandir(folder) as it:
-            entries = sorted(it, key=lambda e: e.name)
-    except OSError as e:
-        yield _failed(folder, f"cannot read folder ({e.strerror or e})")
-        return
-    for entry in entries:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _walk_dir(root: Path, accept, exclude: tuple[int, int] | None):
+    """The files below ``root`` in the order a recursive walk would give them (each folder's entries
+    sorted by name, a subfolder's files at its place), with a stack of folders instead of recursion."""
+    seen: set[tuple[int, int]] = set()
+    stack: list[tuple[Iterator[os.DirEntry], tuple[str, ...]]] = []
+
+    def enter(folder: Path | str, rel: tuple[str, ...]) -> FileResult | None:
+        ident = _identity(folder)
+        if ident is not None:
+            if ident in seen:
+                return None
+            seen.add(ident)
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            return _failed(Path(folder), f"cannot read folder ({e.strerror or e})")
+        stack.append((iter(entries), rel))
+        return None
+
+    problem = enter(root, ())
+    if problem is not None:
+        yield problem
+    while stack:
+        entries, rel = stack[-1]
+        entry = next(entries, None)
+        if entry is None:
+            stack.pop()
+            continue
         if entry.name.startswith(TMP_PREFIX):
             continue  # an unfinished write of an interrupted run
-        path = Path(entry.path)
         try:
             is_dir = entry.is_dir()  # follows symbolic links
         except OSError:
             is_dir = False
         if is_dir:
-            if exclude is None or _real(path) != exclude:
-                yield from _walk_dir(root, path, accept, seen, exclude)
+            if exclude is None or _identity(entry.path) != exclude:
+                problem = enter(entry.path, (*rel, entry.name))
+                if problem is not None:
+                    yield problem
         elif accept(entry.name):
-            yield path, root, PurePosixPath(path.relative_to(root).as_posix())
+            yield Path(entry.path), root, PurePosixPath(*rel, entry.name)
+
+
+def _real(path: Path | str) -> str:
+    return os.path.realpath(path)
+
+
+class Claims:
+    """Which input claimed each output of a run, so that two inputs never share one output (one
+    short string per output; the same file named twice is done once)."""
+
+    def __init__(self, output_dir: Path):
+        self._top = os.path.normcase(_real(output_dir))
+        self._by: dict[str, Path] = {}
+
+    def claim(self, source: Path, output: Path, output_dir: Path) -> FileResult | None:
+        """``None`` when ``source`` may write ``output``; a failed result when another input did,
+        or when the output is the input itself. ``source`` seen already for ``output``: a skipped
+        result with the reason ``"again"`` (to be dropped)."""
+        key = os.path.normcase(os.path.join(self._top, os.path.relpath(output, output_dir)))
+        earlier = self._by.get(key)
+        if earlier is not None:
+            if _real(earlier) == _real(source):
+                return FileResult(Path(source), output, SKIPPED, "again")
+            return _failed(
+                source,
+                f"its output {output} is also the output of {earlier} (the same relative path "
+                "under two inputs); give them separate output folders",
+                output,
+            )
+        if _real(source) == _real(output):
+            return _failed(source, "its output would be the input itself; choose another output folder", output)
+        self._by[key] = Path(source)
+        return None
 
 
 def find_jobs(
@@ -107,29 +183,22 @@ def find_jobs(
     name: Callable[[str], str],
 ) -> Iterator[Job | FileResult]:
     """A ``Job`` per input file (or a failed result for one that cannot be used), streaming."""
-    out_real = _real(output_dir)
-    claimed: dict[str, Path] = {}  # output -> the input that claimed it (one short string each)
+    claims = Claims(output_dir)
     for item in walk(paths, accept, exclude=output_dir):
         if isinstance(item, FileResult):
             yield item
             continue
         path, root, rel = item
-        output = output_dir.joinpath(*rel.parent.parts, name(rel.name))
-        key = os.path.normcase(os.path.join(out_real, *rel.parent.parts, name(rel.name)))
-        if key in claimed:
-            if _real(claimed[key]) == _real(path):
-                continue  # the same file named twice (a folder and a file in it, say): done once
-            yield _failed(
-                path,
-                f"its output {output} is also the output of {claimed[key]} (the same relative path "
-                "under two inputs); give them separate output folders",
-                output,
-            )
+        try:
+            output = output_path(output_dir, rel, name)
+        except UnsafePath as e:
+            yield _failed(path, f"not written: {e}")
             continue
-        if _real(path) == _real(output):
-            yield _failed(path, "its output would be the input itself; choose another output folder", output)
+        refused = claims.claim(path, output, output_dir)
+        if refused is not None:
+            if refused.reason != "again":
+                yield refused
             continue
-        claimed[key] = path
         yield Job(path, root, rel, output)
 
 
