@@ -37,17 +37,48 @@ def test_parse_shard_refuses_what_is_not_a_shard(text):
         shards.parse_shard(text)
 
 
-@pytest.mark.parametrize("n, world", [(1, 2), (3, 2), (2, 4), (5, 1)])
-def test_ranks_inside_shards_take_every_share_once(n, world):
-    got = [shards.combine(shards.Share(i, n), r, world) for i in range(n) for r in range(world)]
-    assert all(s.count == n * world for s in got)
-    assert sorted(s.index for s in got) == list(range(n * world))
+@given(
+    weights=st.lists(st.integers(1, 10**6), max_size=40),
+    worlds=st.lists(st.integers(1, 5), min_size=1, max_size=6),
+)
+@settings(max_examples=60, deadline=None)
+def test_a_shard_takes_the_same_inputs_whatever_its_number_of_ranks(weights, worlds):
+    # each shard I of N runs with its own number of torchrun ranks (worlds[I]); together they take
+    # every unit exactly once, and a shard's ranks together take what the shard alone takes
+    n = len(worlds)
+    taken = [0] * len(weights)
+    for i, world in enumerate(worlds):
+        alone = shards.select(weights, shards.Share(i, n))
+        union = [False] * len(weights)
+        for r in range(world):
+            share = shards.combine(shards.Share(i, n), r, world)
+            for u, mine in enumerate(shards.select(weights, share)):
+                taken[u] += mine
+                union[u] |= mine
+        assert union == alone
+    assert taken == [1] * len(weights)
 
 
 def test_one_process_without_shard_takes_everything():
     assert shards.combine(None, 0, 1) is None
     assert shards.combine(shards.Share(1, 3), 0, 1) == shards.Share(1, 3)
-    assert shards.combine(None, 1, 2) == shards.Share(1, 2)
+    assert shards.combine(None, 1, 2) == shards.Share(0, 1, 1, 2)
+
+
+def test_a_huge_shard_count_allocates_nothing_in_proportion():
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        owner = shards.assign([5, 9, 1], 10**6)  # (the old heap held a million tuples: 100 MB)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert owner == [1, 0, 2]  # heaviest first, each to the lowest untouched share
+    assert peak < 100_000
+    count = 10**20
+    assert shards.parse_shard(f"{count - 1}/{count}") == shards.Share(count - 1, count)
+    assert shards.select([5, 9, 1], shards.Share(2, count)) == [False, False, True]
 
 
 # --- assignment ---------------------------------------------------------------------------------

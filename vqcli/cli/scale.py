@@ -91,6 +91,11 @@ class Scale:
             check_inputs(list(inputs or []), output)
         self.share = shards.combine(self.outer, self.ctx.rank, self.ctx.world)
         self.record = manifest if manifest is not None else (self.share is not None or from_manifest is not None)
+        if self.record:
+            from vqcli.io.manifest import check_existing
+
+            check_existing(output)  # one this run could not update is refused before any work
+        self.manifest_failed = False
         self.digest: str | None = None
         self.recorder = None
         self.merged = None
@@ -166,8 +171,9 @@ class Scale:
         if self.record:
             from vqcli.io.manifest import Recorder
 
-            index, count = (self.share.index, self.share.count) if self.share is not None else (0, 1)
-            self.recorder = Recorder(self.output, index, count)
+            share = self.share
+            where = (share.index, share.count, share.rank, share.world) if share is not None else (0, 1, 0, 1)
+            self.recorder = Recorder(self.output, *where)
 
     def add(self, report: RunReport, result: FileResult) -> None:
         """Count ``result`` in ``report`` and record it in the manifest when there is one."""
@@ -185,6 +191,7 @@ class Scale:
         try:
             self.merged = recorder.finish(self.digest)
         except OSError as e:
+            self.manifest_failed = True
             err_console.print(shown(f"cannot write the manifest in {self.output} ({e.strerror or e})"), style="red")
 
     def finish(
@@ -229,7 +236,7 @@ class Scale:
             waiting = ", ".join(map(str, info["missing"]))
             err_console.print(
                 shown(
-                    f"manifest part {self.share} written; {path} is made when all {self.share.count} parts are "
+                    f"manifest part {self.share} written; {path} is made when all {self.share.count:,} parts are "
                     f"there (waiting for: {waiting})"
                 ),
                 highlight=False,
@@ -243,11 +250,14 @@ class Scale:
         as one exits with an error, never stops rank 0 before its summary is out, and reports a
         run with failed inputs once, as rank 0's exit code 1 (torchrun's own exit code).
         """
+        from vqcli.cli._app import EXIT_OK, EXIT_SOME_FAILED
+
+        if self.manifest_failed and code == EXIT_OK:
+            code = EXIT_SOME_FAILED  # the outputs are there, but what the run was asked to record is not
         if not self.ctx.active or report.interrupted:
             return code
         import sys
 
-        from vqcli.cli._app import EXIT_OK, EXIT_SOME_FAILED
         from vqcli.pipeline import distributed
 
         sys.stdout.flush()

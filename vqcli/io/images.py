@@ -104,6 +104,31 @@ def load_image_bytes(data: bytes, path: str | os.PathLike, *, max_pixels: int | 
     return _load(io.BytesIO(data), Path(path), max_pixels)
 
 
+BYTES_PER_PIXEL_BOUND = 8  # the most an image file stores per pixel (16-bit RGBA, uncompressed)
+FILE_OVERHEAD_BOUND = 16 * 1024 * 1024  # metadata, ICC profiles, thumbnails: what a file may add
+
+
+def member_too_large(size: int, head: bytes, max_pixels: int) -> str:
+    """Why an image held in an archive, ``size`` bytes starting with ``head``, must not be read
+    whole under ``max_pixels``, or ``""``: its size is over what an image of ``max_pixels`` (or of
+    the size its header states, when the head holds the header) can take up, or its header states
+    more pixels than that. Checked before the member's bytes are read."""
+    bound = BYTES_PER_PIXEL_BOUND * max_pixels + FILE_OVERHEAD_BOUND
+    if size > bound:
+        return f"{size:,} bytes, more than an image of --max-pixels {max_pixels:,} can hold ({bound:,}); not read"
+    try:
+        with _pillow_warnings_off(), _open_unchecked(io.BytesIO(head)) as im:
+            width, height = im.size
+    except Exception:  # the head alone may not hold the header (a long EXIF first): read it whole, bounded
+        return ""
+    if width * height > max_pixels:
+        return _too_large(width, height, max_pixels)
+    own = BYTES_PER_PIXEL_BOUND * width * height + FILE_OVERHEAD_BOUND
+    if size > own:
+        return f"{size:,} bytes for a {width}x{height} image (at most {own:,} expected); not read"
+    return ""
+
+
 def _load(source: Path | io.BytesIO, path: Path, max_pixels: int | None) -> np.ndarray:
     _allow_pillow(max_pixels)
     try:

@@ -35,11 +35,14 @@ another tool: ``rel`` is then the file name, and the status unknown).
 from __future__ import annotations
 
 import contextlib
+import errno
 import heapq
 import itertools
 import json
+import os
+import stat
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from vqcli.errors import UsageError
@@ -53,6 +56,10 @@ PART_HEADER = "vqcli_manifest_part"
 DONE, SKIPPED, FAILED = "done", "skipped", "failed"
 
 
+OWNED = ("source", "member", "rel", "output", "bytes", "status", "error")  # the fields vqcli writes
+MAX_LINE = 1024 * 1024  # bytes: a manifest line longer than this is refused, not read
+
+
 @dataclass(frozen=True)
 class Entry:
     """One manifest line."""
@@ -64,17 +71,24 @@ class Entry:
     bytes: int | None
     status: str | None
     error: str | None
+    extra: str = field(default="", compare=False)  # the line's other fields (caption, label...), as JSON
+    rel_given: bool = field(default=True, compare=False)  # False: ``rel`` is the file's name, by default
 
     @property
     def key(self) -> tuple[str, str]:
         return self.source, self.member or ""
 
     def line(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False)
+        fields = {name: getattr(self, name) for name in OWNED}
+        if self.extra:
+            fields.update(json.loads(self.extra))
+        return json.dumps(fields, ensure_ascii=False)
 
 
-def part_name(index: int, count: int) -> str:
-    return f"manifest-part-{index}-of-{count}.jsonl"
+def part_name(index: int, count: int, rank: int = 0, world: int = 1) -> str:
+    """The part of share ``index`` of ``count``; with ``world`` > 1, that of one of its ranks."""
+    ranks = f".rank-{rank}-of-{world}" if world > 1 else ""
+    return f"manifest-part-{index}-of-{count}{ranks}.jsonl"
 
 
 def parse_line(text: str, where: str) -> Entry:
@@ -83,6 +97,8 @@ def parse_line(text: str, where: str) -> Entry:
         obj = json.loads(text)
     except ValueError as e:
         raise UsageError(f"{where}: not JSON ({e})") from None
+    except RecursionError:
+        raise UsageError(f"{where}: not a manifest line (JSON nested too deep)") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("source"), str) or not obj["source"]:
         raise UsageError(f"{where}: a manifest line is a JSON object with a 'source' path")
 
@@ -100,24 +116,63 @@ def parse_line(text: str, where: str) -> Entry:
     status = text_or_none("status")
     if status not in (None, DONE, SKIPPED, FAILED):
         raise UsageError(f"{where}: unknown status {status!r} (done, skipped, failed or null)")
-    return Entry(obj["source"], member, rel, text_or_none("output"), size, status, text_or_none("error"))
+    extra = {k: v for k, v in obj.items() if k not in OWNED}
+    return Entry(
+        obj["source"],
+        member,
+        rel,
+        text_or_none("output"),
+        size,
+        status,
+        text_or_none("error"),
+        json.dumps(extra, ensure_ascii=False) if extra else "",
+        bool(obj.get("rel")),
+    )
 
 
 def read_entries(path: Path) -> Iterator[Entry]:
-    """The lines of a manifest (blank lines and part headers are passed over)."""
+    """The lines of a manifest (blank lines and part headers are passed over); a line that is not
+    UTF-8 JSON, or longer than ``MAX_LINE``, is a ``UsageError`` naming it."""
     try:
-        f = open(path, encoding="utf-8")
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            if os.path.isdir(path):
+                raise UsageError(f"{path}: is a folder; give the manifest file (OUT/{MANIFEST})")
+            raise UsageError(f"{path}: not a regular file (a fifo or device?); give the manifest file")
+        f = open(path, "rb")
     except FileNotFoundError:
         raise UsageError(f"{path}: no such manifest") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a folder; give the manifest file (OUT/{MANIFEST})") from None
     except OSError as e:
         raise UsageError(f"{path}: cannot read ({e.strerror or e})") from None
     with f:
-        for number, text in enumerate(f, 1):
+        for number in itertools.count(1):
+            raw = f.readline(MAX_LINE + 1)
+            if not raw:
+                return
+            if len(raw) > MAX_LINE:
+                raise UsageError(f"{path}:{number}: a line longer than {MAX_LINE:,} bytes; not a manifest")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UsageError(f"{path}:{number}: not UTF-8 text; not a manifest") from None
             if not text.strip() or text.startswith('{"' + PART_HEADER):
                 continue
             yield parse_line(text, f"{path}:{number}")
+
+
+def check_existing(out_dir: Path) -> None:
+    """Refuse, before any work, an ``OUT/manifest.jsonl`` that a run could not update: not a
+    regular file, or not a manifest (each line is read and checked)."""
+    target = Path(out_dir) / MANIFEST
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise UsageError(f"{target}: cannot read ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{target}: not a regular file (a link, folder or fifo); move it away to write the manifest")
+    for _ in read_entries(target):
+        pass
 
 
 class Recorder:
@@ -125,9 +180,9 @@ class Recorder:
     file as results come; at ``finish`` sorted into this process's part, which is merged with the
     others' into ``manifest.jsonl`` once all are there."""
 
-    def __init__(self, out_dir: Path, index: int = 0, count: int = 1):
-        self.out_dir, self.index, self.count = Path(out_dir), index, count
-        self.part = self.out_dir / part_name(index, count)
+    def __init__(self, out_dir: Path, index: int = 0, count: int = 1, rank: int = 0, world: int = 1):
+        self.out_dir, self.index, self.count, self.rank, self.world = Path(out_dir), index, count, rank, world
+        self.part = self.out_dir / part_name(index, count, rank, world)
         self._atomic = None
         self._tmp: Path | None = None
         self._file = None
@@ -153,13 +208,33 @@ class Recorder:
         self._file.close()
         entries = sorted(read_entries(self._tmp), key=lambda e: e.key)
         header = {PART_HEADER: {"index": self.index, "count": self.count, "inputs": inputs}}
+        if self.world > 1:
+            header[PART_HEADER].update(rank=self.rank, world=self.world)
         with open(self._tmp, "w", encoding="utf-8") as f:
             f.write(json.dumps(header) + "\n")
             for entry in entries:
                 f.write(entry.line() + "\n")
         with _locked(self.out_dir):
             self._atomic.__exit__(None, None, None)  # the part appears under its name
+            if self.world > 1 and not _join_ranks(self.out_dir, self.index, self.count, self.world, inputs):
+                return Merged(False, [self.index])
             return _merge(self.out_dir, self.count)
+
+
+def _join_ranks(out_dir: Path, index: int, count: int, world: int, inputs: str | None) -> bool:
+    """The ranks' parts of share ``index`` into that share's part, once all ``world`` are there."""
+    ranks = [out_dir / part_name(index, count, r, world) for r in range(world)]
+    if not all(p.exists() for p in ranks):
+        return False
+    header = {PART_HEADER: {"index": index, "count": count, "inputs": inputs}}
+    with atomic_path(out_dir / part_name(index, count), overwrite=True) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(header) + "\n")
+        for entry in heapq.merge(*(read_entries(p) for p in ranks), key=lambda e: e.key):
+            f.write(entry.line() + "\n")
+    for p in ranks:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    return True
 
 
 @dataclass
@@ -167,7 +242,7 @@ class Merged:
     """What a merge did."""
 
     merged: bool
-    missing: list[int]  # the parts not there yet
+    missing: list[int]  # the parts not there yet (the first ``SHOWN_MISSING`` of them)
     warning: str = ""  # parts that split different lists of inputs
     lines: int = 0
 
@@ -178,11 +253,21 @@ def merge(out_dir: Path, count: int) -> Merged:
         return _merge(Path(out_dir), count)
 
 
+SHOWN_MISSING = 16
+
+
 def _merge(out_dir: Path, count: int) -> Merged:
-    parts = [out_dir / part_name(i, count) for i in range(count)]
-    missing = [i for i, p in enumerate(parts) if not p.exists()]
+    # parts are looked for in order and the search stops at the first missing ones: a count of
+    # 10**20 costs as much as the parts that are really there
+    missing: list[int] = []
+    for i in range(count):
+        if not (out_dir / part_name(i, count)).exists():
+            missing.append(i)
+            if len(missing) >= SHOWN_MISSING:
+                break
     if missing:
         return Merged(False, missing)
+    parts = [out_dir / part_name(i, count) for i in range(count)]
     warning = ""
     if len({_part_digest(p) for p in parts} - {None}) > 1:
         warning = (
@@ -216,7 +301,17 @@ def _update(old: Iterable[Entry], new: Iterable[Entry]) -> Iterator[Entry]:
         elif all(e.status == SKIPPED for e in news) and any(e.status == DONE for e in olds):
             yield from olds
         else:
-            yield from news
+            kept = _extras(olds)  # the fields vqcli does not own (a caption, a label) stay
+            for e in news:
+                yield replace(e, extra=json.dumps({**kept, **json.loads(e.extra)}, ensure_ascii=False)) if kept else e
+
+
+def _extras(entries: list[Entry]) -> dict:
+    kept: dict = {}
+    for e in entries:
+        if e.extra:
+            kept.update(json.loads(e.extra))
+    return kept
 
 
 def _sorted_entries(path: Path) -> Iterator[Entry]:
@@ -247,9 +342,21 @@ def _locked(out_dir: Path) -> Iterator[None]:
         yield
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / LOCK, "a+") as f:  # POSIX record locks: the kind NFS supports
-        fcntl.lockf(f.fileno(), fcntl.LOCK_EX)
+    path = out_dir / LOCK
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags, 0o644)  # a link is not followed (ELOOP), a folder is refused (EISDIR)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EISDIR, errno.EMLINK):
+            raise OSError(e.errno, f"{LOCK} is a link or a folder; move it away", str(path)) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{LOCK} is not a regular file (a fifo or device?); move it away", str(path))
+        fcntl.lockf(fd, fcntl.LOCK_EX)  # POSIX record locks: the kind NFS supports
         try:
             yield
         finally:
-            fcntl.lockf(f.fileno(), fcntl.LOCK_UN)
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -68,7 +68,7 @@ def member_name(raw: str) -> tuple[PurePosixPath, str]:
     try:
         return PurePosixPath(*split_rel(raw)), ""
     except UnsafePath as e:
-        return PurePosixPath(raw.replace("\0", "")), f"its name {describe(raw)} is unsafe ({e}); not used"
+        return PurePosixPath(raw.replace("\0", "").lstrip("/") or "?"), f"its name {describe(raw)} is unsafe ({e}); not used"
 
 
 HEAD_BYTES = 64 * 1024  # what ``check`` sees of a member before the rest is read

@@ -7,7 +7,7 @@ import itertools
 import os
 import secrets
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from vqcli.pipeline.batching import Item, _compute_and_write, _run, _write, chec
 from vqcli.pipeline.encode_image import Shape, derive_seed, encode_fn, prepare_image, split
 from vqcli.pipeline.jobs import check_inputs, encoded_name
 from vqcli.pipeline.provenance import input_stamp, recipe_text, stale_reason
-from vqcli.pipeline.results import FAILED, SKIPPED, FileResult, Job, TarJob, _from_error
+from vqcli.pipeline.results import FAILED, SKIPPED, FileResult, Job, MemberJob, TarJob, _from_error
 from vqcli.pipeline.selection import Selection, block_size, image_source, select_jobs
 from vqcli.pipeline.sources import (
     check_existing,
@@ -111,7 +111,7 @@ def encode_files(
             for tar in group:
                 yield from _encode_into_tar(tar, model, ref, seed, batch_size, dtype, options)
         else:
-            yield from _encode_stream(expand_tars(group, encoded_name), model, ref, seed, batch_size, dtype, options)
+            yield from _encode_stream(expand_tars(group, encoded_name, max_pixels=options.max_pixels), model, ref, seed, batch_size, dtype, options)
 
 
 def _encode_stream(jobs, model, ref, seed, batch_size, dtype, options, put=None) -> Iterator[FileResult]:
@@ -156,7 +156,9 @@ def _encode_into_tar(tar: TarJob, model, ref, seed, batch_size, dtype, options) 
             def put(job: Job, data: bytes) -> None:
                 sink.add(job.output.relative_to(out).as_posix(), data, job.mtime)
 
-            for result in _encode_stream(member_jobs(tar, encoded_name), model, ref, seed, batch_size, dtype, options, put):
+            for result in _encode_stream(member_jobs(tar, encoded_name, max_pixels=options.max_pixels), model, ref, seed, batch_size, dtype, options, put):
+                if isinstance(result.job, MemberJob):  # kept until the tar is whole: not its image's bytes
+                    result.job = replace(result.job, data=b"")
                 results.append(result)
     except FileExistsError:
         yield FileResult(tar.input, out, SKIPPED, "exists (written meanwhile by another run)", job=tar)

@@ -62,7 +62,7 @@ def roundtrip_files(
     """One result per image; side-by-side pictures under ``output_dir`` mirroring the inputs
     (``selection``: this process's share, or the inputs of a manifest; see ``vqcli.pipeline``)."""
     jobs = select_jobs(image_source(paths, output_dir, selection, name=roundtrip_name), selection, 1)
-    jobs = expand_tars(jobs, roundtrip_name)
+    jobs = expand_tars(jobs, roundtrip_name, max_pixels=max_pixels)
     budget = default_budget(next(model.parameters()).device)  # (fixed for the run, as in encode)
     yield from each_job(
         jobs,

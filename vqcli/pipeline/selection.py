@@ -100,14 +100,14 @@ def select_jobs(
         weights[item.block] += shards.unit_weight([nbytes])
     if selection.listed is not None:
         selection.listed(sized.hexdigest(), total)
-    owner = shards.assign(weights, share.count)
+    mine = shards.select(weights, share)
     again = hashlib.sha256()
     for item in number_blocks(make(), size):
         again.update(_list_key(item))
         if isinstance(item, FileResult):
-            if share.index == 0:
+            if share.index == 0 and share.rank == 0:
                 yield item
-        elif item.block < len(owner) and owner[item.block] == share.index:
+        elif item.block < len(mine) and mine[item.block]:
             yield item
     if again.digest() != names.digest():
         raise VqcliError(

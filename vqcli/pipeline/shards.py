@@ -26,17 +26,24 @@ FILE_COST = 16 * 1024  # bytes: what one file weighs beyond its size (opening it
 
 @dataclass(frozen=True)
 class Share:
-    """Share ``index`` (from 0) of ``count``."""
+    """Share ``index`` (from 0) of ``count`` and, inside it, part ``rank`` of ``world`` (torchrun's
+    ranks of the job that runs that share): the share's inputs are chosen from the split into
+    ``count`` alone, then split among the ranks, so what a share covers does not depend on how
+    many processes run it."""
 
     index: int
     count: int
+    rank: int = 0
+    world: int = 1
 
     def __post_init__(self) -> None:
         if not (self.count >= 1 and 0 <= self.index < self.count):
             raise ValueError(f"share {self.index} of {self.count} does not exist")
+        if not (self.world >= 1 and 0 <= self.rank < self.world):
+            raise ValueError(f"rank {self.rank} of {self.world} does not exist")
 
     def __str__(self) -> str:
-        return f"{self.index}/{self.count}"
+        return f"{self.index}/{self.count}" + (f" (rank {self.rank} of {self.world})" if self.world > 1 else "")
 
 
 def parse_shard(text: str) -> Share:
@@ -53,14 +60,24 @@ def parse_shard(text: str) -> Share:
 def combine(outer: Share | None, rank: int, world: int) -> Share | None:
     """The share of one rank of a torchrun job that itself runs shard ``outer`` (or everything).
 
-    Rank ``r`` of ``W`` inside shard ``I/N`` takes share ``I*W + r`` of ``N*W``: the ranks of one
-    shard split exactly that shard's part of a split into ``N*W``. ``None`` when there is one
-    process and no shard (the whole input, streamed as it is found).
+    Rank ``r`` of ``W`` inside shard ``I/N`` takes part ``r`` of ``W`` of exactly what shard ``I``
+    of ``N`` takes (``select``), so shards run with different numbers of ranks still fit together.
+    ``None`` when there is one process and no shard (the whole input, streamed as it is found).
     """
     if world == 1:
         return outer
     outer = outer or Share(0, 1)
-    return Share(outer.index * world + rank, outer.count * world)
+    return Share(outer.index, outer.count, rank, world)
+
+
+def select(weights: Sequence[int], share: Share) -> list[bool]:
+    """For each unit, whether ``share`` (its shard, then its rank in it) takes it."""
+    owner = assign(weights, share.count)
+    units = [u for u, s in enumerate(owner) if s == share.index]
+    mine = [False] * len(weights)
+    for u, rank in zip(units, assign([weights[u] for u in units], share.world)):
+        mine[u] = rank == share.rank
+    return mine
 
 
 def assign(weights: Sequence[int], count: int) -> list[int]:
@@ -70,7 +87,9 @@ def assign(weights: Sequence[int], count: int) -> list[int]:
     shares = [0] * len(weights)
     if count == 1:
         return shares
-    heap = [(0, 0, s) for s in range(count)]  # (weight so far, units so far, share)
+    # Only the first min(count, units) shares can ever be chosen (an untouched share always wins
+    # over a loaded one, the lower index first), so a count of 10**20 costs nothing.
+    heap = [(0, 0, s) for s in range(min(count, len(weights)))]  # (weight so far, units so far, share)
     for unit in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):
         load, units, share = heapq.heappop(heap)
         shares[unit] = share

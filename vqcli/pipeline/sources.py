@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+from dataclasses import replace
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -16,9 +18,11 @@ from vqcli.io.images import (
     is_image_path,
     load_image,
     load_image_bytes,
+    member_too_large,
 )
 from vqcli.io.manifest import Entry
-from vqcli.pipeline.jobs import _size
+from vqcli.io.relpaths import UnsafePath, describe, split_rel
+from vqcli.pipeline.jobs import Claims, _size, output_path
 from vqcli.pipeline.results import (
     DONE,
     FAILED,
@@ -31,35 +35,43 @@ from vqcli.pipeline.results import (
 
 
 def expand_tars(
-    items: Iterable[Any], name: Callable[[str], str], accept: Callable[[str], bool] = is_image_path
+    items: Iterable[Any],
+    name: Callable[[str], str],
+    accept: Callable[[str], bool] = is_image_path,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> Iterator[Any]:
     """Each ``TarJob`` with a folder output as a ``MemberJob`` per image inside; all else as it is."""
     for item in items:
         if isinstance(item, TarJob) and not item.to_tar:
-            yield from member_jobs(item, name, accept)
+            yield from member_jobs(item, name, accept, max_pixels)
         else:
             yield item
 
 
 def member_jobs(
-    tar: TarJob, name: Callable[[str], str], accept: Callable[[str], bool] = is_image_path
+    tar: TarJob,
+    name: Callable[[str], str],
+    accept: Callable[[str], bool] = is_image_path,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> Iterator[MemberJob | FileResult]:
     """The image members of one tar as jobs, read front to back; a member ``d/m`` has the output
     ``tar.output/d/name(m)``.
 
-    A member with an unsafe name, or whose output an earlier member of the same name claimed,
-    fails; a tar that cannot be read fails as a whole (after the members before the damage).
+    A member with an unsafe name, a link, one too large for ``max_pixels`` (from its size and its
+    image header, before it is read), or one whose output an earlier member of the same name
+    claimed, fails; a tar that cannot be read fails as a whole (after the members before the
+    damage). Per member only a 64-bit digest of its output is kept (to catch repeated names).
     """
     wanted = None if tar.members is None else (lambda m: m.as_posix() in tar.members)
-    claimed: set[str] = set()
+    claimed: set[int] = set()
+    check = None if max_pixels is None else (lambda size, head: member_too_large(size, head, max_pixels))
     try:
-        for m in tario.read_members(tar.input, accept, wanted):
-            inside = PurePosixPath(*(part for part in m.name.parts if part != "/"))  # "/a.png" -> "a.png"
+        for m in tario.read_members(tar.input, accept, wanted, check):
             job = MemberJob(
-                tar.input / inside,
+                tar.input / m.name,
                 tar.root,
-                tar.rel / inside,
-                tar.output.joinpath(*inside.parent.parts, name(inside.name)),
+                tar.rel / m.name,
+                tar.output / m.name,
                 size=m.size,
                 block=tar.block,
                 tar=tar.input,
@@ -72,7 +84,12 @@ def member_jobs(
                 continue
             if m.data is None:
                 continue  # not wanted
-            key = os.path.normcase(str(job.output))
+            try:
+                job = replace(job, output=output_path(tar.output, m.name, name))
+            except UnsafePath as e:
+                yield FileResult(job.input, None, FAILED, f"not written: {e}", job=job)
+                continue
+            key = int.from_bytes(hashlib.blake2b(os.fsencode(os.path.normcase(str(job.output))), digest_size=8).digest(), "little")
             if key in claimed:
                 reason = "the tar holds an earlier member of the same name; only that one is used"
                 yield FileResult(job.input, job.output, FAILED, reason, job=job)
@@ -108,57 +125,99 @@ def entry_of(result: FileResult, output_dir: Path) -> Entry:
 
 def jobs_from_entries(
     entries: Iterable[Entry], output_dir: Path, *, name: Callable[[str], str], tar_output: bool = False
-) -> Iterator[Job]:
+) -> Iterator[Job | FileResult]:
     """The jobs of the manifest lines that are not finished: failed, never run, or whose output is
-    gone. Outputs are named as a fresh run over the same inputs would name them.
+    gone. Outputs are named as a fresh run over the same inputs would name them, through
+    ``jobs.output_path``: a line whose ``rel`` or ``member`` would lead outside the output folder
+    fails, whatever its spelling. Two lines of different sources with one output: the second fails,
+    as in a run over folders; when its ``rel`` was not given (a list of sources made by another
+    tool), it is the source's whole path instead of its name, so both are done.
 
     Lines of members of one tar become one ``TarJob`` (in the place of the first) reading only those
     members; with ``tar_output``, the shard's output tar is made again, whole.
     """
     tars: dict[str, dict[str, Any]] = {}
     made: dict[str, bool] = {}  # tar_output: whether a tar's output tar is there
-    order: list[Entry | str] = []
+    order: list[Job | FileResult | str] = []
+    claims = Claims(output_dir)
     for e in entries:
-        rel = PurePosixPath(e.rel)
-        if e.member is None and not tario.is_tar_path(e.source):
-            if e.status in (DONE, SKIPPED) and os.path.lexists(output_dir.joinpath(*rel.parent.parts, name(rel.name))):
-                continue
-            order.append(e)
+        try:
+            item = _entry_job(e, output_dir, name, tar_output, claims, tars, made)
+        except UnsafePath as problem:
+            shown = Path(e.source.replace("\0", "\\0"))
+            order.append(FileResult(shown, None, FAILED, f"manifest line not used: its {problem}"))
             continue
-        member = PurePosixPath(e.member) if e.member else None
-        tar_rel = rel
-        if member is not None:
-            n = len(member.parts)
-            tar_rel = PurePosixPath(*rel.parts[:-n]) if len(rel.parts) > n and rel.parts[-n:] == member.parts else PurePosixPath(Path(e.source).name)
-        out = output_dir / (tario.plain_name(tar_rel.as_posix()) if tar_output else tar_rel.as_posix())
-        if e.status in (DONE, SKIPPED):
-            if tar_output:
-                if e.source not in made:
-                    made[e.source] = out.is_file() and tario.is_vqcli_tar(out)
-                present = made[e.source]
-            elif member is None:
-                present = out.is_dir()
-            else:
-                present = os.path.lexists(out.joinpath(*member.parent.parts, name(member.name)))
-            if present:
-                continue
-        t = tars.get(e.source)
-        if t is None:
-            t = tars[e.source] = {"rel": tar_rel, "output": out, "members": set(), "all": False}
-            order.append(e.source)
-        if member is None:
-            t["all"] = True
-        else:
-            t["members"].add(member.as_posix())
+        if item is not None:
+            order.append(item)
     for item in order:
-        if isinstance(item, Entry):
-            rel, source = PurePosixPath(item.rel), Path(item.source)
-            root = Path(*source.parts[: -len(rel.parts)]) if source.parts[-len(rel.parts):] == rel.parts else source.parent
-            yield Job(source, root, rel, output_dir.joinpath(*rel.parent.parts, name(rel.name)))
-        else:
+        if isinstance(item, str):
             t, source = tars[item], Path(item)
             members = None if (t["all"] or tar_output) else frozenset(t["members"])
             yield TarJob(source, source.parent, t["rel"], t["output"], members=members, to_tar=tar_output, redo=tar_output)
+        else:
+            yield item
+
+
+def _entry_job(e: Entry, output_dir: Path, name, tar_output: bool, claims: Claims, tars: dict, made: dict):
+    """One manifest line: a ``Job``, a failed result, a tar's source (its first line) or None."""
+    if "\0" in e.source:
+        raise UnsafePath("source holds a NUL character")
+    source = Path(e.source)
+    if e.member is None and not tario.is_tar_path(e.source):
+        rel = PurePosixPath(*_split("rel", e.rel))
+        output = output_path(output_dir, rel, name)
+        refused = claims.claim(source, output, output_dir)
+        if refused is not None and not e.rel_given and refused.reason != "again":
+            rel = PurePosixPath(*_split("source", os.path.abspath(e.source).lstrip("/")))
+            output = output_path(output_dir, rel, name)
+            refused = claims.claim(source, output, output_dir)
+        if refused is not None:
+            return None if refused.reason == "again" else refused
+        if e.status in (DONE, SKIPPED) and os.path.lexists(output):
+            return None
+        root = Path(*source.parts[: -len(rel.parts)]) if source.parts[-len(rel.parts) :] == rel.parts else source.parent
+        return Job(source, root, rel, output)
+    rel = PurePosixPath(*_split("rel", e.rel))
+    member = PurePosixPath(*_split("member", e.member)) if e.member else None
+    tar_rel = rel
+    if member is not None:
+        n = len(member.parts)
+        tar_rel = PurePosixPath(*rel.parts[:-n]) if len(rel.parts) > n and rel.parts[-n:] == member.parts else PurePosixPath(source.name)
+    t = tars.get(e.source)
+    out = t["output"] if t is not None else output_path(output_dir, tar_rel, tario.plain_name if tar_output else str)
+    if t is None:
+        refused = claims.claim(source, out, output_dir)
+        if refused is not None:
+            return None if refused.reason == "again" else refused
+    if e.status in (DONE, SKIPPED):
+        if tar_output:
+            if e.source not in made:
+                made[e.source] = out.is_file() and tario.is_vqcli_tar(out)
+            present = made[e.source]
+        elif member is None:
+            present = out.is_dir()
+        else:
+            present = os.path.lexists(output_path(out, member, name))
+        if present:
+            if t is None:
+                tars[e.source] = {"rel": tar_rel, "output": out, "members": set(), "all": False, "listed": False}
+            return None
+    first = t is None or not t["listed"]
+    if t is None:
+        t = tars[e.source] = {"rel": tar_rel, "output": out, "members": set(), "all": False, "listed": True}
+    t["listed"] = True
+    if member is None:
+        t["all"] = True
+    else:
+        t["members"].add(member.as_posix())
+    return e.source if first else None
+
+
+def _split(field: str, text: str) -> tuple[str, ...]:
+    try:
+        return split_rel(text)
+    except UnsafePath as e:
+        raise UnsafePath(f"{field} {describe(text)} is unsafe ({e})") from None
 
 
 def check_existing(
