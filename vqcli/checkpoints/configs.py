@@ -47,7 +47,7 @@ def check_diffusers_config(
     ``vqcli convert``) restores the full original config.
     """
     cls = cfg.get("_class_name")
-    if cls not in DIFFUSERS_CLASSES:
+    if not isinstance(cls, str) or cls not in DIFFUSERS_CLASSES:
         what = _plain(cls) if isinstance(cls, str) and cls else "model of unknown class"
         raise FileError(source, f"describes a {what}; vqcli reads AutoencoderKL and VQModel")
     try:

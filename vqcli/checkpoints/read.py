@@ -365,7 +365,7 @@ def _read_diffusers_folder(
     cfg_path = config_path or folder / "config.json"
     cfg = _read_json(cfg_path)
     cls = cfg.get("_class_name")
-    if cls not in DIFFUSERS_CLASSES:
+    if not isinstance(cls, str) or cls not in DIFFUSERS_CLASSES:
         what = _plain(cls) if isinstance(cls, str) and cls else "model of unknown class"
         raise FileError(cfg_path, f"describes a {what}; vqcli reads AutoencoderKL and VQModel")
     if weights is None:

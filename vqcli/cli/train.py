@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -18,6 +19,7 @@ from rich.progress import (
 
 from vqcli.cli._app import (
     EXIT_INTERRUPTED,
+    EXIT_SOME_FAILED,
     app,
     err_console,
     fail,
@@ -25,6 +27,7 @@ from vqcli.cli._app import (
     out_console,
     shown,
 )
+from vqcli.errors import first_line
 
 
 def _parse_mult(text: str) -> tuple[int, ...]:
@@ -198,6 +201,15 @@ def train(
             bar.stop()
             err_console.print(shown(_interrupted(output, last, first_step, checkpoint_every)), highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except (MemoryError, RuntimeError) as e:
+            if not _out_of_memory(e) or os.environ.get("VQCLI_DEBUG"):
+                raise
+            bar.stop()
+            raise fail(
+                f"not enough memory to train this model at these sizes (--ch {config.ch}, --crop {opts.crop}, "
+                f"--batch-size {opts.batch_size}): {_allocation(e)}",
+                EXIT_SOME_FAILED,
+            ) from None
     if model is None:
         err_console.print(f"stopped after step {last.get('step')}; continue with --resume")
         return
@@ -217,3 +229,21 @@ def train(
     elif not quiet:
         val_text = f", validation PSNR {summary['val_psnr']:.2f} dB" if summary["val_psnr"] is not None else ""
         err_console.print(f"saved {shown(output)} after {summary['steps']} steps{val_text}", highlight=False, soft_wrap=True)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """An allocation that failed (the allocator's RuntimeError, or Python's MemoryError)."""
+    if isinstance(e, MemoryError):
+        return True
+    text = str(e).lower()
+    return any(w in text for w in ("can't allocate", "cannot allocate", "out of memory", "not enough memory"))
+
+
+def _allocation(e: BaseException) -> str:
+    """What the allocator could not give, in a few words."""
+    import re
+
+    m = re.search(r"tried to allocate (\d+) bytes", str(e))
+    if m:
+        return f"one allocation of {int(m.group(1)) / 2**30:,.1f} GiB failed"
+    return first_line(e)[:160] or type(e).__name__

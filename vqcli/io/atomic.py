@@ -158,6 +158,23 @@ def _restore(old: Path) -> None:
             log.warning("restored %s: the run replacing it was interrupted", final)
 
 
+def make_folders(folder: str | os.PathLike) -> None:
+    """``mkdir -p`` without recursion (``Path.mkdir(parents=True)`` recurses once per missing
+    folder, and a tree a thousand folders deep overflows Python's stack)."""
+    folder = Path(folder)
+    missing = []
+    while not os.path.isdir(folder):
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    for f in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(f)
+        if not os.path.isdir(f):
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(f))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it into place.
@@ -168,7 +185,7 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
     failure to write (a full disk, say) comes out as ``OSError``, whichever library wrote.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(final.parent)
     sweep_stale(final.parent)
     tmp = _new_temp(final.parent, final.suffix, _make_file)
     try:
@@ -202,7 +219,7 @@ def make_temp_dir(parent: str | os.PathLike, *, old: bool = False) -> Path:
     the caller). ``old``: a folder to move a replaced output into until the new one is in place,
     so that an interrupted replacement can be undone. The caller removes it when done."""
     parent = Path(parent)
-    parent.mkdir(parents=True, exist_ok=True)
+    make_folders(parent)
     sweep_stale(parent)
     return _new_temp(parent, _OLD_TAG if old else "", lambda p: os.mkdir(p, 0o700))
 
@@ -211,7 +228,7 @@ def make_temp_file(parent: str | os.PathLike, suffix: str = "") -> Path:
     """A new empty temporary file in ``parent``, named as this process's, so that a run that finds
     it after this one was killed removes it. The caller renames or removes it."""
     parent = Path(parent)
-    parent.mkdir(parents=True, exist_ok=True)
+    make_folders(parent)
     sweep_stale(parent)
     return _new_temp(parent, suffix, _make_file)
 

@@ -46,6 +46,7 @@ from vqcli.io.atomic import atomic_path
 from vqcli.io.images import check_pixels
 from vqcli.io.padding import padded_size
 from vqcli.io.safetensors import (
+    LATENT_HEADER,
     read_safetensors,
     read_safetensors_header,
     short_name,
@@ -297,7 +298,7 @@ def write_latent(
 def is_latent_file(path: str | os.PathLike) -> bool:
     """True when ``path`` looks like a vqcli latent file from its header (nothing else is read)."""
     try:
-        header = read_safetensors_header(Path(path))
+        header = read_safetensors_header(Path(path), LATENT_HEADER)
     except (FileError, OSError):
         return False
     meta = header.get("__metadata__")
@@ -315,7 +316,7 @@ def read_latent(path: str | os.PathLike, *, max_pixels: int | None = None) -> La
     path = Path(path)
     if path.is_dir():
         raise FileError(path, "is a folder, not a latent file")
-    header = read_safetensors_header(path)
+    header = read_safetensors_header(path, LATENT_HEADER)
     meta = parse_meta(path, header.get("__metadata__") or {})
     check_pixels(path, meta.padded_width, meta.padded_height, max_pixels, what="the decoded image")
     names = [k for k in header if k != "__metadata__"]
@@ -327,7 +328,7 @@ def read_latent(path: str | os.PathLike, *, max_pixels: int | None = None) -> La
     for name in names:
         info = header[name]
         _check_shape_and_dtype(path, tuple(info["shape"]), HEADER_DTYPES.get(info["dtype"], info["dtype"][:20]), meta)
-    tensors, _ = read_safetensors(path)
+    tensors, _ = read_safetensors(path, LATENT_HEADER)
     for tensor in tensors.values():
         check_tensor(path, tensor, meta)
     return Latent(tensors.pop(KEY), meta, tensors)

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from vqcli.errors import UsageError
-from vqcli.io.atomic import atomic_path
+from vqcli.io.atomic import atomic_path, make_folders
 
 MANIFEST = "manifest.jsonl"
 LOCK = ".manifest.lock"
@@ -341,7 +341,7 @@ def _locked(out_dir: Path) -> Iterator[None]:
     except ImportError:  # Windows: parts are merged without a lock
         yield
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folders(out_dir)
     path = out_dir / LOCK
     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:

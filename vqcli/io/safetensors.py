@@ -21,10 +21,17 @@ DTYPE_SIZES = {
 }
 
 
-MAX_HEADER = 100_000_000
+# The largest header read, by kind of file, checked before it is read or parsed: a latent holds one
+# tensor and a few metadata strings (a few KB); weights hold hundreds to a few thousand tensors
+# (SDXL's VAE: 30 KB; a full checkpoint with metadata: a few MB).
+LATENT_HEADER = 1024 * 1024
+MAX_HEADER = 64 * 1024 * 1024
+# JSON containers ('[' or '{') per header byte: a tensor's entry has three in 50 bytes or more; a
+# header of empty lists ("[[],[],...]", one per 3 bytes) would cost 20 times its size once parsed
+MAX_CONTAINERS_PER_BYTE = 1 / 8
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(path: Path, max_header: int = MAX_HEADER) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file, or a ``FileError`` saying why not.
 
     The header is validated before any tensor is touched: its length must fit in the file, it must
@@ -35,7 +42,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     from safetensors import SafetensorError
     from safetensors.torch import load, load_file
 
-    header = read_safetensors_header(path)
+    header = read_safetensors_header(path, max_header)
     metadata = header.pop("__metadata__", None) or {}
     try:
         # safetensors opens only paths that are UTF-8; a file named otherwise is read by Python
@@ -53,8 +60,11 @@ def _utf8_path(path: Path) -> bool:
     return True
 
 
-def read_safetensors_header(path: Path) -> dict:
-    """The parsed JSON header of a safetensors file, checked for consistency with the file size."""
+def read_safetensors_header(path: Path, max_header: int = MAX_HEADER) -> dict:
+    """The parsed JSON header of a safetensors file, checked for consistency with the file size.
+
+    A header over ``max_header`` bytes (``LATENT_HEADER`` for a latent), or one made mostly of
+    brackets, is refused before it is read or parsed: parsing costs many times a header's size."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -64,11 +74,13 @@ def read_safetensors_header(path: Path) -> dict:
             n = int.from_bytes(head, "little")
             if n < 2 or 8 + n > size:
                 raise FileError(path, f"not a safetensors file (header of {n} bytes does not fit in {size} bytes)")
-            if n > MAX_HEADER:
-                raise FileError(path, f"safetensors header of {n:,} bytes is too large (over {MAX_HEADER:,})")
+            if n > max_header:
+                raise FileError(path, f"safetensors header of {n:,} bytes is too large (over {max_header:,})")
             raw = f.read(n)
     except OSError as e:
         raise FileError(path, e.strerror or str(e)) from None
+    if raw.count(b"[") + raw.count(b"{") > 16 + n * MAX_CONTAINERS_PER_BYTE:
+        raise FileError(path, "not a safetensors file (header is a heap of brackets, not tensor entries)")
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError):
