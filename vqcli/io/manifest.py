@@ -303,7 +303,7 @@ def _update(old: Iterable[Entry], new: Iterable[Entry]) -> Iterator[Entry]:
         else:
             kept = _extras(olds)  # the fields vqcli does not own (a caption, a label) stay
             for e in news:
-                yield replace(e, extra=json.dumps({**kept, **json.loads(e.extra)}, ensure_ascii=False)) if kept else e
+                yield replace(e, extra=json.dumps({**kept, **json.loads(e.extra or "{}")}, ensure_ascii=False)) if kept else e
 
 
 def _extras(entries: list[Entry]) -> dict:
