@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +30,7 @@ MAX_HEADER = 64 * 1024 * 1024
 # JSON containers ('[' or '{') per header byte: a tensor's entry has three in 50 bytes or more; a
 # header of empty lists ("[[],[],...]", one per 3 bytes) would cost 20 times its size once parsed
 MAX_CONTAINERS_PER_BYTE = 1 / 8
+_STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # JSON strings, escapes included
 
 
 def read_safetensors(path: Path, max_header: int = MAX_HEADER) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -79,7 +81,8 @@ def read_safetensors_header(path: Path, max_header: int = MAX_HEADER) -> dict:
             raw = f.read(n)
     except OSError as e:
         raise FileError(path, e.strerror or str(e)) from None
-    if raw.count(b"[") + raw.count(b"{") > 16 + n * MAX_CONTAINERS_PER_BYTE:
+    bare = _STRINGS.sub(b'""', raw)  # brackets inside strings (a config's JSON) build nothing
+    if bare.count(b"[") + bare.count(b"{") > 16 + n * MAX_CONTAINERS_PER_BYTE:
         raise FileError(path, "not a safetensors file (header is a heap of brackets, not tensor entries)")
     try:
         header = json.loads(raw)
