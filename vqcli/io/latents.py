@@ -448,7 +448,7 @@ def _optional(metadata: dict[str, str], name: str, limit: int) -> str | None:
 
 def read_provenance(path: str | os.PathLike) -> tuple[str | None, str | None]:
     """``(input_stamp, recipe)`` of a vqcli latent file, from its header alone (resume)."""
-    meta = read_safetensors_header(Path(path)).get("__metadata__") or {}
+    meta = read_safetensors_header(Path(path), LATENT_HEADER).get("__metadata__") or {}
     return _optional(meta, "input_stamp", 64), _optional(meta, "recipe", 4096)
 
 
