@@ -564,6 +564,21 @@ def test_installed_command_round_trip_and_exit_codes(tmp_path, models, images):
     assert p.returncode == 0 and json.loads(p.stdout)["files"][0]["width"] == 33
 
 
+PAUSE_AT_FOURTH_WRITE = """
+import os, time
+_mark = os.environ.get("VQCLI_PAUSE_MARK")
+if _mark:
+    _real, _calls = os.fsync, [0]
+    def _fsync(*a, **k):
+        _calls[0] += 1
+        if _calls[0] == 4:
+            open(_mark, "w").close()
+            time.sleep(120)
+        return _real(*a, **k)
+    os.fsync = _fsync
+"""
+
+
 def _many_images(folder: Path, n: int) -> None:
     for i in range(n):
         _write(folder / f"{i:03d}.png", _photo(64, 64, i))
@@ -575,17 +590,25 @@ def test_killed_run_leaves_only_complete_files_and_resumes(tmp_path, models):
     finishes only what is missing and leaves the finished files untouched."""
     _many_images(tmp_path / "in", 24)
     out = tmp_path / "lat"
+    # The kill comes while the run is paused inside its fourth write, its data complete but not yet
+    # in place (a hook, not a delay: on a busy machine the run could otherwise finish first).
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(PAUSE_AT_FOURTH_WRITE)
+    mark = tmp_path / "paused"
+    path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH", "")) if p)
     proc = subprocess.Popen(
         [VQCLI, "encode", tmp_path / "in", "-o", out, "--model", models["kl"], "--quiet"],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "VQCLI_PAUSE_MARK": str(mark)},
     )
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(out.glob("*.png.safetensors"))) < 3:
+    while time.time() < deadline and not mark.exists() and proc.poll() is None:
         time.sleep(0.02)
+    assert mark.exists(), "the run should have paused in its fourth write"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     finished = sorted(out.glob("*.png.safetensors"))
-    assert 3 <= len(finished) < 24, "the run should have been killed part-way"
+    assert len(finished) == 3, "the run should have been killed part-way"
     for f in finished:  # complete and loadable
         latent, meta = _read_latent(f)
         assert latent.shape == (4, 32, 32) and meta["format"] == "vqcli.latent"

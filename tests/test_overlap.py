@@ -99,22 +99,33 @@ def test_ctrl_c_while_waiting_for_a_write_loses_no_result():
     """Ctrl-C while ``submit`` waits for the oldest write (the queue is full): that write still
     finishes, and ``drain`` gives its result. Before, it was taken off the queue before the wait
     and its result lost: the summary counted one file fewer than were on disk (seen in CI)."""
+    import concurrent.futures as cf
+
+    from vqcli.pipeline import overlap
+
     go = threading.Event()
     writer = WriteBehind(depth=1)
     assert list(writer.submit(lambda: (go.wait(10), "a")[1])) == []
+    real_wait = cf.wait
+    waiting = threading.Event()
+
+    def wait(futures, *a, **k):  # the schedule, controlled: the signal comes once the wait has begun
+        waiting.set()
+        return real_wait(futures, *a, **k)
 
     def interrupt():
-        time.sleep(0.3)  # the main thread is waiting for "a" by now
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.3)
+        waiting.wait(10)
+        os.kill(os.getpid(), signal.SIGINT)  # (handled in the main thread, inside its wait)
         go.set()
 
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         threading.Thread(target=interrupt).start()
         with pytest.raises(KeyboardInterrupt):
-            list(writer.submit(lambda: "b"))  # two queued, depth 1: waits for "a"
-            time.sleep(5)  # (the signal may land just after the wait; it is still Ctrl-C there)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(overlap.cf, "wait", wait)
+                list(writer.submit(lambda: "b"))  # two queued, depth 1: waits for "a"
+                time.sleep(10)  # (were "a" done before the handler ran, Ctrl-C lands here)
     finally:
         signal.signal(signal.SIGINT, previous)
     assert list(writer.drain()) == ["a", "b"]

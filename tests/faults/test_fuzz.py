@@ -15,7 +15,6 @@ import io
 import json
 import signal
 import struct
-from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -43,7 +42,7 @@ PEAK_GROWTH_MB = 256  # the most a whole test may add to the process's peak memo
 
 FUZZ = settings(
     max_examples=120,
-    deadline=timedelta(seconds=10),
+    deadline=None,  # (a time per example fails on a busy machine; time_limit catches hangs)
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     database=None,
 )

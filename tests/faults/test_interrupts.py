@@ -13,7 +13,6 @@ import json
 import random
 import re
 import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -49,10 +48,12 @@ from .conftest import (
     wait_for,
 )
 
-KILLS = 3  # per command: one in the middle of a write, the others at random moments
-# Ctrl-C must end the process this soon: about a second on an idle machine (the step or batch under
-# way finishes, then the summary); the bound leaves room for a CI machine busy with other work.
-STOP_S = 5
+KILLS = 3  # per command: one in the middle of a write, the others at random points (see _kill_runs)
+# Ctrl-C ends the process in about a second on an idle machine (the step or batch under way
+# finishes, then the summary). No test asserts a time (a busy machine makes any bound flaky): each
+# shows instead that the process stopped before the work it was given was done, and waits at most
+# HANG_S (a hang, not a slow stop) for it to end.
+HANG_S = 120
 
 
 def _check_images(out: Path, latents: Path, model: AutoEncoder) -> int:
@@ -73,20 +74,17 @@ def _check_images(out: Path, latents: Path, model: AutoEncoder) -> int:
 
 def _kill_runs(args: list, out: Path, *, hook_dir: Path, tmp_path: Path, seed: int, count, check, total: int) -> None:
     """Start ``vqcli *args`` ``KILLS`` times, killing it each time: first paused inside its third
-    write, then after a random number of new outputs plus a random delay. After each kill: every
-    output complete (``check``), nothing finished before changed."""
+    write, then at a random point of its work: inside the data's write (fsync) or just before the
+    rename into place (replace) of a random one of its next outputs. The points are chosen by the
+    hook, not by a delay, so that a busy machine cannot let the run finish first. After each kill:
+    every output complete (``check``), nothing finished before changed."""
     r = random.Random(seed)
     for i in range(KILLS):
         before = snapshot(out) if out.exists() else {}
-        if i == 0:
-            mark = tmp_path / f"mark{i}"
-            proc = start(*args, env=hook_env(hook_dir, mark, "fsync:3"))
-            assert wait_for(mark.exists, proc), proc.communicate()
-        else:
-            proc = start(*args)
-            new = r.randint(0, 4)
-            wait_for(lambda: count() >= len(before) + new, proc)
-            time.sleep(r.uniform(0, 0.03))
+        at = "fsync:3" if i == 0 else f"{r.choice(['fsync', 'replace'])}:{r.randint(1, 5)}"
+        mark = tmp_path / f"mark{i}"
+        proc = start(*args, env=hook_env(hook_dir, mark, at))
+        assert wait_for(mark.exists, proc), proc.communicate()
         kill(proc)
         assert check() == count()
         assert_untouched(before, snapshot(out))
@@ -169,16 +167,16 @@ def test_train_killed_and_interrupted_resumes_to_the_same_model(tmp_path, hook_d
             proc = start(*args, env=hook_env(hook_dir, mark, "fsync:3"))  # inside the third checkpoint write
             assert wait_for(mark.exists, proc), proc.communicate()
         else:
-            inode = ckpt.stat().st_ino if ckpt.exists() else None
-            proc = start(*args)
-            # after at least one new checkpoint (each is a new file renamed into place), a random moment
-            assert wait_for(lambda: ckpt.exists() and ckpt.stat().st_ino != inode, proc), proc.communicate()
-            time.sleep(r.uniform(0, 0.3))
+            # inside a random one of its next checkpoint writes, after at least one new checkpoint
+            # (paused there by the hook: a delay instead let a run on a busy machine reach the end)
+            mark = tmp_path / f"mark{i}"
+            proc = start(*args, env=hook_env(hook_dir, mark, f"fsync:{r.randint(2, 6)}"))
+            assert wait_for(mark.exists, proc), proc.communicate()
         if i < 2:
             kill(proc)
         else:
-            _, stderr, seconds = interrupt(proc)
-            assert proc.returncode == 130 and seconds < STOP_S, stderr
+            _, stderr, _ = interrupt(proc, timeout=HANG_S)
+            assert proc.returncode == 130, stderr
             last = stderr.strip().splitlines()[-1]
             assert "Traceback" not in stderr and f"the checkpoint {ckpt} holds step {_ckpt_step(ckpt)}" in last, last
             assert last.endswith("continue with --resume")
@@ -251,24 +249,23 @@ def test_convert_killed_inside_its_writes(tmp_path, models, hook_dir):
 def _signal_inside_a_write(tmp_path: Path, models, hook_dir: Path, sig: int, *options: str):
     """Decode 12 latents, send ``sig`` while the third image is being written (the write paused by
     the hook, let go at the signal, as a real write would go on): the latents' folder, the output
-    folder, the exit code, stdout and stderr. The run must stop within STOP_S seconds."""
+    folder, the exit code, stdout and stderr. (That it stopped early, the callers check: fewer
+    images than latents.)"""
     _, lat = _latents(tmp_path, models, 12)
     out = tmp_path / "rec"
     mark, release = tmp_path / "mark", tmp_path / "release"
     env = hook_env(hook_dir, mark, "fsync:3", release)
     proc = start("decode", lat, "-o", out, "--model", models["kl"], *options, "--json", env=env)
     assert wait_for(mark.exists, proc), proc.communicate()
-    sent = time.monotonic()
     proc.send_signal(sig)
     release.touch()
-    stdout, stderr = proc.communicate(timeout=60)
-    assert time.monotonic() - sent < STOP_S, stderr
+    stdout, stderr = proc.communicate(timeout=HANG_S)
     return lat, out, proc.returncode, stdout, stderr
 
 
 @pytest.mark.slow
 def test_ctrl_c_inside_a_write_stops_at_once_and_resumes(tmp_path, models, hook_dir):
-    """Ctrl-C while a decoded image is being written: exit 130 within STOP_S seconds, the summary
+    """Ctrl-C while a decoded image is being written: exit 130 at once (most images not done), the summary
     says what was done, no temporary file is left, and the re-run does the rest.
 
     The write under way is either abandoned (written by the main thread, which Ctrl-C interrupts) or
@@ -315,7 +312,7 @@ def test_ctrl_c_inside_convert_writes_nothing(tmp_path, models, hook_dir):
     mark = tmp_path / "mark"
     proc = start("convert", models["kl"], "-o", folder, "--to", "diffusers", env=hook_env(hook_dir, mark, "fsync:1"))
     assert wait_for(mark.exists, proc), proc.communicate()
-    _, stderr, seconds = interrupt(proc)
-    assert proc.returncode == 130 and seconds < STOP_S, stderr
+    _, stderr, _ = interrupt(proc, timeout=HANG_S)
+    assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert not folder.exists() and temporaries(folder.parent) == []
