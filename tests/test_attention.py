@@ -42,6 +42,8 @@ def test_band_rows_follow_the_budget_and_the_work():
     big = (1, 64, 512, 512)  # one product of 512^4 * 64 multiply-adds: bands, each within BAND_WORK
     rows = band_rows(big, 4, None)
     assert rows * 512 * (512 * 512) * 64 <= max(BAND_WORK, 512 * 512 * 512 * 64)
+    gpu = (1, 512, 128, 128)  # quick on a GPU (10^11 multiply-adds): whole there, in bands on a CPU
+    assert band_rows(gpu, 4, None, attention.GPU_BAND_WORK) == 128 and band_rows(gpu, 4, None) < 128
 
 
 def test_a_tight_budget_bands_every_attention_with_the_unbounded_result(monkeypatch):
