@@ -116,6 +116,8 @@ def member_too_large(size: int, head: bytes, max_pixels: int) -> str:
     bound = BYTES_PER_PIXEL_BOUND * max_pixels + FILE_OVERHEAD_BOUND
     if size > bound:
         return f"{size:,} bytes, more than an image of --max-pixels {max_pixels:,} can hold ({bound:,}); not read"
+    if not head:
+        return ""  # empty: refused as such when it loads
     try:
         with _pillow_warnings_off(), _open_unchecked(io.BytesIO(head)) as im:
             width, height = im.size

@@ -65,9 +65,10 @@ def output_path(folder: Path, rel: str | PurePosixPath, name: Callable[[str], st
     if renamed != parts[-1]:
         split_rel(renamed)
     output = folder.joinpath(*parts[:-1], renamed)
-    if not relpaths.inside(folder, output.parent if len(parts) > 1 else output):
-        if len(parts) > 1 or os.path.islink(output):
-            raise UnsafePath(f"its output {output} would lie outside {folder} (through a link)")
+    # directly in ``folder``: nothing to resolve (a link in the output's own place is never
+    # followed: it is refused as an output in the way, or replaced by the rename)
+    if len(parts) > 1 and not relpaths.inside(folder, output.parent):
+        raise UnsafePath(f"its output {output} would lie outside {folder} (through a link)")
     return output
 
 
