@@ -163,7 +163,7 @@ def encode(
         "device": str(torch_device),
         "dtype": dtype_name(torch_dtype),
     }
-    source = image_source(inputs or [], output, selection, tar_output=tar_output)
+    source = image_source(inputs or [], output, selection, tar_output=tar_output)  # (counting: names do not matter)
     size = block_size(1 if sample else batch_size)
     report = scale.report(
         "encode",

@@ -19,6 +19,7 @@ from vqcli.errors import FileError, UsageError, VqcliError
 from vqcli.io import latents as lat
 from vqcli.io.images import DEFAULT_MAX_PIXELS, save_image, vqcli_mark, written_by_vqcli
 from vqcli.io.padding import from_model_output
+from vqcli.io.trainer_files import read_any
 from vqcli.model.autoencoder import AutoEncoder
 from vqcli.pipeline.batching import Item, _compute_and_write, _run, _write, checked, each_job
 from vqcli.pipeline.jobs import check_inputs, decoded_name
@@ -172,7 +173,7 @@ def _stale(job: Job, out: Path, expected: dict) -> str | None:
 def prepare_latent(job: Job, models: ModelChooser, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Item:
     """Read and validate a latent file (refused from its header where it decodes to more than
     ``max_pixels`` pixels) and choose (and check) the model that decodes it."""
-    latent = lat.read_latent(job.input, max_pixels=max_pixels)
+    latent = read_any(job.input, max_pixels=max_pixels)
     meta = latent.meta
     model = models(job.input, meta)
     if meta.kind == "vq":

@@ -17,7 +17,9 @@ from vqcli.checkpoints.load import ModelRef
 from vqcli.errors import FileError, UsageError
 from vqcli.io import latents as lat
 from vqcli.io import tarfiles as tario
+from vqcli.io import trainer_files
 from vqcli.io.images import DEFAULT_MAX_PIXELS
+from vqcli.io.atomic import atomic_path
 from vqcli.io.geometry import Fit
 from vqcli.io.padding import pad_to_multiple, to_model_input
 from vqcli.model.autoencoder import AutoEncoder
@@ -104,14 +106,15 @@ def encode_files(
     # A draw is seeded per image, so it must not depend on the company in its batch.
     batch_size = 1 if options.sample else options.batch_size
 
-    make = image_source(inputs, output_dir, selection, tar_output=options.tar_output)
+    name = functools.partial(trainer_files.output_name, options.layout)
+    make = image_source(inputs, output_dir, selection, name=name, tar_output=options.tar_output)
     jobs = select_jobs(make, selection, block_size(batch_size))
     for into_tar, group in itertools.groupby(jobs, key=lambda j: isinstance(j, TarJob) and j.to_tar):
         if into_tar:
             for tar in group:
                 yield from _encode_into_tar(tar, model, ref, seed, batch_size, dtype, options)
         else:
-            yield from _encode_stream(expand_tars(group, encoded_name, max_pixels=options.max_pixels), model, ref, seed, batch_size, dtype, options)
+            yield from _encode_stream(expand_tars(group, name, max_pixels=options.max_pixels), model, ref, seed, batch_size, dtype, options)
 
 
 def _encode_stream(jobs, model, ref, seed, batch_size, dtype, options, put=None) -> Iterator[FileResult]:
@@ -120,7 +123,7 @@ def _encode_stream(jobs, model, ref, seed, batch_size, dtype, options, put=None)
         jobs,
         lambda job: prepare_image(job, model, max_pixels=options.max_pixels, shape=options.shape),
         overwrite=options.overwrite,
-        ours=lat.is_latent_file,
+        ours=trainer_files.is_ours,
         workers=options.io_threads,
         ahead=2 * batch_size + 1,
         stale=functools.partial(_stale, expected=options.recipe(model)),
@@ -176,8 +179,14 @@ def latent_bytes(tensor: torch.Tensor, meta: lat.LatentMeta, extras: dict | None
     return save(lat.stored_tensors(tensor, meta, extras), metadata=meta.to_metadata())
 
 
+def _write_bytes(path: Path, layout: str, tensor, meta, extras, overwrite: bool) -> None:
+    data = trainer_files.layout_bytes(layout, tensor, meta, extras)
+    with atomic_path(path, overwrite=overwrite) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
 def _stale(job: Job, out: Path, expected: dict) -> str | None:
-    stamp, recipe = lat.read_provenance(out)
+    stamp, recipe = trainer_files.read_provenance(out)
     return stale_reason(input_stamp(job), expected, stamp, recipe)
 
 
@@ -188,6 +197,16 @@ def check_encode_options(model: AutoEncoder, options: EncodeOptions) -> None:
         raise UsageError("--sample, --scaled and --posterior apply to KL models; a VQ model's latents are codebook indices")
     if options.posterior and options.sample:
         raise UsageError("--posterior stores the mean and the log-variance; it does not go with --sample")
+    if options.layout not in trainer_files.LAYOUTS:
+        raise UsageError(f"--layout must be one of {', '.join(trainer_files.LAYOUTS)}")
+    if options.layout != "vqcli" and model.config.kind == "vq":
+        raise UsageError(f"--layout {options.layout} holds KL latents; a VQ model's latents are codebook indices")
+    if options.layout == "comfyui" and options.scaled:
+        raise UsageError("--layout comfyui stores the model's raw latents (ComfyUI scales them itself): drop --scaled")
+    if options.layout == "kohya" and options.latent_dtype == "bfloat16":
+        raise UsageError("--layout kohya writes numpy arrays, which have no bfloat16: use float16 or float32")
+    if options.layout != "vqcli" and options.tar_output:
+        raise UsageError("--tar-output writes vqcli's layout only")
     if options.latent_dtype not in lat.FLOAT_DTYPES:
         raise UsageError(f"--latent-dtype must be one of {', '.join(lat.FLOAT_DTYPES)}")
 
@@ -218,6 +237,9 @@ def _finish_encode(item: Item, out, redone: bool, ref: ModelRef, options: Encode
     info = {k: v for k, v in item.info.items() if k in ("width", "height", "seed")}
     if put is not None:
         return _write(job, lambda: put(job, latent_bytes(tensor, meta, extras)), redone, info)
+    if options.layout != "vqcli":
+        write = functools.partial(_write_bytes, job.output, options.layout, tensor, meta, extras, options.overwrite)
+        return _write(job, write, redone, info)
     write = functools.partial(lat.write_latent, job.output, tensor, meta, overwrite=options.overwrite, extras=extras)
     return _write(job, write, redone, info)
 

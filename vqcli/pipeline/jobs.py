@@ -9,6 +9,7 @@ from pathlib import Path, PurePosixPath
 
 from vqcli.errors import UsageError
 from vqcli.io import latents as lat
+from vqcli.io.trainer_files import COMFY_SUFFIX, KOHYA_SUFFIX, is_any_latent_path
 from vqcli.io import tarfiles as tario
 from vqcli.io.atomic import TMP_PREFIX
 from vqcli.io import relpaths
@@ -22,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 def is_latent_path(path: str | os.PathLike) -> bool:
-    return Path(path).name.lower().endswith(lat.SUFFIX)
+    """A latent file by its name, in any layout (vqcli, kohya's ``.npz``, ComfyUI's ``.latent``)."""
+    return is_any_latent_path(path)
 
 
 def encoded_name(image_name: str) -> str:
@@ -34,7 +36,9 @@ def decoded_name(latent_name: str, fmt: str) -> str:
     """``a.png.safetensors`` -> ``a.png``; ``a.jpg.safetensors`` -> ``a.jpg.png`` (for ``png``)."""
     if fmt not in OUTPUT_FORMATS:
         raise UsageError(f"unknown image format {fmt!r} (use {', '.join(OUTPUT_FORMATS)})")
-    base = latent_name[: -len(lat.SUFFIX)] if is_latent_path(latent_name) else latent_name
+    lower = latent_name.lower()
+    suffix = next((s for s in (lat.SUFFIX, KOHYA_SUFFIX, COMFY_SUFFIX) if lower.endswith(s)), "")
+    base = latent_name[: len(latent_name) - len(suffix)]
     if not base:
         base = "image"
     return base if format_matches(base, fmt) else f"{base}.{fmt}"

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from vqcli.errors import FileError
-from vqcli.io import latents as lat
+from vqcli.io.trainer_files import read_any
 
 STATE_FORMAT = "vqcli.latent_stats"
 
@@ -121,7 +121,7 @@ class ChannelStats:
 
 def raw_latent(path: Path) -> np.ndarray:
     """A latent file's main tensor as the model's raw latent (float64), or ``FileError``."""
-    latent = lat.read_latent(path)
+    latent = read_any(path)
     meta = latent.meta
     if meta.kind == "vq":
         raise FileError(path, "holds codebook indices (a VQ model): they have no channel statistics")
