@@ -108,3 +108,16 @@ def test_layout_refusals_and_resume(encoded, tmp_path):
     assert r.exit_code == 0 and '"skipped": 1' in r.stdout
     r = cli(*args, "--resolution", 24)
     assert r.exit_code == 1 and "exists, made with other options" in r.stderr
+
+
+def test_info_describes_every_layout(encoded):
+    import json
+
+    root, _, _ = encoded
+    for path in (root / "vqcli" / "cup.png.safetensors", root / "kohya" / "cup.npz", root / "comfyui" / "cup.png.latent"):
+        r = cli("info", path, "--json")
+        assert r.exit_code == 0, r.output
+        body = json.loads(r.stdout)
+        (described,) = body["files"] if "files" in body else [body]
+        assert described["type"] == "latent" and described["extra_tensors"] == ["latent_flipped"]
+        assert described["original_size"] == "40,60" and described["target_size"] == "32,32"

@@ -12,7 +12,8 @@ from vqcli.checkpoints.load import load_model_file
 from vqcli.checkpoints.native import read_native
 from vqcli.checkpoints.read import read_checkpoint
 from vqcli.errors import FileError, VqcliError
-from vqcli.io.latents import latent_stats, read_latent
+from vqcli.io.latents import latent_stats
+from vqcli.io.trainer_files import COMFY_SUFFIX, KOHYA_SUFFIX, is_ours, read_any
 from vqcli.io.safetensors import read_safetensors_header
 from vqcli.model.autoencoder import AutoEncoder, load_strict
 
@@ -23,6 +24,10 @@ def describe(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileError(path, "no such file")
+    if path.suffix.lower() in (KOHYA_SUFFIX, COMFY_SUFFIX) and path.is_file():
+        if not is_ours(path):
+            raise FileError(path, "not a latent file vqcli wrote (no vqcli metadata in it)")
+        return _latent(path)
     if path.is_dir() or path.suffix.lower() != ".safetensors":
         return _checkpoint(path, None)
     header = read_safetensors_header(path)
@@ -48,12 +53,13 @@ def describe(path: str | Path) -> dict:
 
 
 def _latent(path: Path) -> dict:
-    latent = read_latent(path)
+    latent = read_any(path)
     return {
         "file": str(path),
         "type": "latent",
         **latent.meta.to_json(),
         "tensor": {"name": "latent", "shape": list(latent.tensor.shape), "dtype": latent.meta.dtype},
+        "extra_tensors": sorted(latent.extras),
         "stats": latent_stats(latent),
     }
 
