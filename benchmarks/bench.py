@@ -3,7 +3,8 @@
     python benchmarks/bench.py                      # the full table recorded in the README
     python benchmarks/bench.py --sizes 256 --batches 1 --repeat 1
 
-Prints, for encode and decode at each size, batch and dtype: seconds per batch, images/s,
+Prints the machine first (CPU model, cores, AMX / AVX512-BF16, torch, GPU; benchmarks/machine.py), then,
+for encode and decode at each size, batch and dtype: seconds per batch, images/s,
 achieved GFLOP/s (FLOPs counted once per shape with torch.utils.flop_counter), peak RSS during the
 measurement, the ratio to diffusers float32 and the output difference to diffusers. The
 implementations of one job take turns (diffusers, vqcli float32, vqcli bfloat16, then again for
@@ -330,7 +331,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    print(f"torch {torch.__version__}, {args.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    from machine import describe, summary  # (benchmarks/machine.py, beside this file)
+
+    machine = describe()
+    print(summary(machine))
+    print(f"{args.threads} threads")
     peak = machine_peak(args.threads)
     print("machine peak GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()), flush=True)
     reference, ours = build_models(args)
@@ -338,7 +343,7 @@ def main() -> None:
     rows = bench_models(args, reference, ours)
     e2e = bench_e2e(args, reference, ours) if args.e2e else []
     if args.json:
-        args.json.write_text(json.dumps({"peak_gflops": peak, "rows": rows, "end_to_end": e2e}, indent=2))
+        args.json.write_text(json.dumps({"machine": machine, "peak_gflops": peak, "rows": rows, "end_to_end": e2e}, indent=2))
 
 
 if __name__ == "__main__":
