@@ -1,0 +1,189 @@
+"""The CUDA path, on a GPU (every test here is marked ``cuda`` and skipped without one):
+placement, float32 parity with the CPU, reduced precision, the float16 overflow redone in float32,
+tiling under a small budget, and the CLI with ``--device cuda``. benchmarks/gpu_check.sh runs them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vqcli import AutoEncoder, AutoEncoderConfig
+from vqcli.accel import compute_context, prepare_model
+from vqcli.pipeline import Item, Job, compute
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU = torch.device("cpu")
+GPU = torch.device("cuda")
+# f4, attention at level 1 and in the middle: every kind of layer, small enough for any GPU
+CONFIG = AutoEncoderConfig(
+    kind="kl", ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(16,), z_channels=4, resolution=32
+)
+
+
+@contextlib.contextmanager
+def strict_float32():
+    """float32 without TF32 (cuDNN convolutions use TF32 by default; parity needs it off)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def model_on(device: torch.device, dtype: torch.dtype = torch.float32, seed: int = 0) -> AutoEncoder:
+    torch.manual_seed(seed)
+    return prepare_model(AutoEncoder(CONFIG), device, dtype)
+
+
+def image(size: int = 64, batch: int = 1, seed: int = 1) -> torch.Tensor:
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def roundtrip(model, x, device, dtype, budget=None) -> tuple[torch.Tensor, torch.Tensor]:
+    fmt = torch.contiguous_format if dtype == torch.float32 else torch.channels_last
+    with compute_context(device, dtype, model=model, budget=budget):
+        z = model.encode(x.to(device).contiguous(memory_format=fmt))
+        y = model.decode(z)
+    return z, y
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float().cpu(), b.float().cpu()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = float(((a.float().cpu().clamp(-1, 1) - b.float().cpu().clamp(-1, 1)) / 2).pow(2).mean())
+    return math.inf if mse == 0 else -10 * math.log10(mse)
+
+
+def test_model_and_outputs_live_on_the_gpu_and_match_the_cpu_in_float32():
+    x = image()
+    z_cpu, y_cpu = roundtrip(model_on(CPU), x, CPU, torch.float32)
+    model = model_on(GPU)
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    with strict_float32():
+        z, y = roundtrip(model, x, GPU, torch.float32)
+    assert z.device.type == "cuda" and y.device.type == "cuda"
+    assert z.dtype == y.dtype == torch.float32
+    assert rel(z, z_cpu) < 1e-4 and rel(y, y_cpu) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_reduced_precision_on_the_gpu_stays_close_to_float32(dtype):
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bfloat16")
+    x = image()
+    with strict_float32():
+        _, reference = roundtrip(model_on(GPU), x, GPU, torch.float32)
+    model = model_on(GPU, dtype)
+    seen = []
+    model.decoder.mid.block_1.conv1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))  # (returns None)
+    z, y = roundtrip(model, x, GPU, dtype)
+    assert seen == [dtype]  # autocast reached the convolutions
+    assert torch.isfinite(y).all()
+    assert psnr(y, reference) > 30  # bfloat16 keeps 8 bits of mantissa, float16 11
+
+
+def _overflowing(model: AutoEncoder) -> AutoEncoder:
+    """Weights scaled so that the first convolution's output passes float16's largest value (65504),
+    as SDXL's VAE does in float16: a GroupNorm follows, so float32 absorbs the scale."""
+    with torch.no_grad():
+        model.encoder.conv_in.weight.mul_(1e6)
+        model.encoder.conv_in.bias.mul_(1e6)
+    return model
+
+
+def test_float16_overflow_is_redone_in_float32_on_the_gpu():
+    model = _overflowing(model_on(GPU))
+    x = image()
+    with compute_context(GPU, torch.float16, model=model):
+        assert not torch.isfinite(model.encode(x.to(GPU))).all()  # it does overflow
+
+    def encode(m, t):
+        return m.encode(t)
+
+    items = [Item(Job(Path(f"{i}.png"), Path("."), Path(f"{i}.png"), Path("o")), x[i : i + 1], (0,), model) for i in range(1)]
+    (item, out, redone), = compute(items, encode, torch.float16)
+    assert redone and isinstance(out, torch.Tensor) and torch.isfinite(out).all()
+    with compute_context(GPU, torch.float32, model=model):
+        expected = model.encode(x.to(GPU)).cpu()
+    assert rel(out, expected) < 1e-3  # (TF32 as run: both the same way)
+
+
+def test_tiling_on_the_gpu_under_a_small_budget_equals_untiled():
+    model = model_on(GPU)
+    x = image(128)
+    with strict_float32():
+        z, whole = roundtrip(model, x, GPU, torch.float32, budget=2**40)
+        _, tiled = roundtrip(model, x, GPU, torch.float32, budget=2**20)  # 1 MB: many bands
+    assert tiled.shape == whole.shape
+    assert rel(tiled, whole) < 1e-5
+
+
+def test_tiled_decode_keeps_peak_gpu_memory_near_its_budget():
+    model = model_on(GPU)
+    z = torch.randn(1, 4, 128, 128, device=GPU)  # 512 px out: 32 MB a 32-channel map in float32
+    budget = 64 * 2**20
+    torch.cuda.synchronize()
+    with compute_context(GPU, torch.float32, model=model, budget=2**40):
+        model.decode(z)  # (warm-up: cuDNN's workspaces)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with compute_context(GPU, torch.float32, model=model, budget=budget):
+        y = model.decode(z)
+    tiled_peak = torch.cuda.max_memory_allocated() - base
+    del y
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    with compute_context(GPU, torch.float32, model=model, budget=2**40):
+        y = model.decode(z)
+    whole_peak = torch.cuda.max_memory_allocated() - base
+    assert tiled_peak < whole_peak / 2
+    assert tiled_peak < 2 * budget + y.nbytes  # the output itself is whole
+
+
+def test_cli_encode_and_decode_with_device_cuda(tmp_path):
+    model_file = tmp_path / "m.safetensors"
+    model_on(CPU).save(model_file)
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(64, 64), (48, 80)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+    def vqcli(*args):
+        r = subprocess.run([sys.executable, "-m", "vqcli", *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r
+
+    for device in ("cpu", "cuda"):
+        vqcli("encode", images, "-o", tmp_path / f"lat-{device}", "--model", model_file, "--device", device, "--quiet")
+    r = vqcli("decode", tmp_path / "lat-cuda", "-o", tmp_path / "rec", "--device", "cuda", "--dtype", "bfloat16", "--json")
+    assert json.loads(r.stdout)["failed"] == 0
+    from safetensors.torch import load_file
+
+    for i in range(2):
+        a = load_file(tmp_path / "lat-cpu" / f"{i}.png.safetensors")["latent"]
+        b = load_file(tmp_path / "lat-cuda" / f"{i}.png.safetensors")["latent"]
+        assert rel(b, a) < 1e-2  # TF32 convolutions on the GPU, as run by default
+        assert Image.open(tmp_path / "rec" / f"{i}.png").size == Image.open(images / f"{i}.png").size
