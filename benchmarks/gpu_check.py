@@ -66,40 +66,22 @@ def plan(dry: bool) -> dict:
                 cudagraph=[("decode", 1024, 1), ("decode", 512, 1), ("encode", 1024, 1)], images=4, image_size=512)
 
 
-# --- vqcli's API, before and after the package layout --------------------------------------------
+# --- vqcli ----------------------------------------------------------------------------------------
 
 
 class _API:
-    """The few vqcli functions used here, from wherever this checkout keeps them."""
+    """The few vqcli functions used here."""
 
     def __init__(self):
         from vqcli import AutoEncoder
+        from vqcli.checkpoints.infer import infer_config
+        from vqcli.checkpoints.layouts import to_original
+        from vqcli.checkpoints.native import save_native
+        from vqcli.speed.budget import default_budget
+        from vqcli.speed.context import compute_context, prepare_model
 
-        self.AutoEncoder = AutoEncoder
-        try:
-            from vqcli.checkpoints.infer import infer_config
-            from vqcli.checkpoints.layouts import to_original
-            from vqcli.checkpoints.native import save_native
-            from vqcli.speed.context import compute_context, prepare_model
-            self.save = save_native
-        except ImportError:  # the flat layout
-            from vqcli.accel import compute_context, prepare_model
-            from vqcli.checkpoints import infer_config
-            from vqcli.layouts import to_original
-            self.save = lambda model, path: model.save(path)
-        self.infer_config, self.to_original = infer_config, to_original
-        self.compute_context, self.prepare_model = compute_context, prepare_model
-
-    def default_budget(self, device) -> int:
-        try:
-            from vqcli.speed.budget import device_budget
-            return device_budget(device)
-        except ImportError:
-            try:
-                from vqcli.speed.budget import default_budget
-            except ImportError:
-                from vqcli.tiling import default_budget
-            return default_budget()
+        self.AutoEncoder, self.infer_config, self.to_original, self.save = AutoEncoder, infer_config, to_original, save_native
+        self.compute_context, self.prepare_model, self.default_budget = compute_context, prepare_model, default_budget
 
 
 def build_models(arch: str):

@@ -19,8 +19,10 @@ import torch
 from PIL import Image
 
 from vqcli import AutoEncoder, AutoEncoderConfig
-from vqcli.accel import compute_context, prepare_model
-from vqcli.pipeline import Item, Job, compute
+from vqcli.checkpoints.native import save_native
+from vqcli.pipeline.batching import Item, compute
+from vqcli.pipeline.results import Job
+from vqcli.speed.context import compute_context, prepare_model
 
 pytestmark = [
     pytest.mark.cuda,
@@ -163,7 +165,7 @@ def test_tiled_decode_keeps_peak_gpu_memory_near_its_budget():
 
 def test_cli_encode_and_decode_with_device_cuda(tmp_path):
     model_file = tmp_path / "m.safetensors"
-    model_on(CPU).save(model_file)
+    save_native(model_on(CPU), model_file)
     images = tmp_path / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
