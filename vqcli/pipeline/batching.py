@@ -27,6 +27,7 @@ from vqcli.pipeline.sources import check_existing
 from vqcli.speed.budget import default_budget
 from vqcli.speed.context import compute_context, memory_format_for
 from vqcli.speed.heap import release_heap_above
+from vqcli.speed.oom import retry_in_tiles
 
 log = logging.getLogger(__name__)
 
@@ -117,16 +118,20 @@ def compute(
 ) -> list[tuple[Item, torch.Tensor | FileError, bool]]:
     """Run ``fn(model, inputs)`` over a batch: ``(item, output or error, redone in float32)`` each.
 
-    A batch that fails as a whole (out of memory, say) is retried one item at a time, so that only
-    the items that fail on their own are reported. A floating output with NaN or Inf values is
-    redone in float32 when ``dtype`` is reduced precision, and an error otherwise. ``budget``
-    bounds the memory of one layer's work (see ``vqcli.speed.tiling``; None: from the free memory);
-    ``compile`` runs what fits whole torch.compile'd.
+    A batch that runs out of memory is computed again in tiles under smaller budgets, with the same
+    result (``speed.oom``); one that still fails as a whole is retried one item at a time, so that
+    only the items that fail on their own are reported. A floating output with NaN or Inf values
+    is redone in float32 when ``dtype`` is reduced precision, and an error otherwise. ``budget``
+    bounds the memory of one layer's work (see ``vqcli.speed.tiling``; None: from the device's
+    free memory); ``compile`` runs what fits whole torch.compile'd.
     """
     model = batch[0].model
     device = next(model.parameters()).device
+    budget = budget or default_budget(device)
     try:
-        out = _run(model, fn, torch.cat([item.data for item in batch]), device, dtype, budget, compile)
+        x = torch.cat([item.data for item in batch])
+        out = retry_in_tiles(lambda b: _run(model, fn, x, device, dtype, b, compile), budget, device=device,
+                             what=f"a batch of {len(batch)}" if len(batch) > 1 else str(batch[0].job.rel))
     except RuntimeError as e:
         if len(batch) > 1:
             log.debug("batch of %d failed (%s); retrying one by one", len(batch), e)
@@ -140,7 +145,8 @@ def compute(
         if not finite(y):
             if dtype != torch.float32:
                 try:
-                    y = _run(model, fn, item.data, device, torch.float32, budget, compile)
+                    y = retry_in_tiles(lambda b: _run(model, fn, item.data, device, torch.float32, b, compile), budget,
+                                       device=device, what=f"{item.job.rel} in float32")
                 except RuntimeError as e:
                     results.append((item, FileError(item.job.input, f"model failed ({first_line(e)})"), False))
                     continue
