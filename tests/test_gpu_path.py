@@ -16,7 +16,7 @@ from vqcli import AutoEncoder, AutoEncoderConfig
 from vqcli.pipeline.batching import Item, compute
 from vqcli.pipeline.results import Job
 from vqcli.speed import budget as budget_mod
-from vqcli.speed import oom
+from vqcli.speed import oom, precision
 from vqcli.speed.context import compute_context, prepare_model
 
 CPU = torch.device("cpu")
@@ -148,3 +148,62 @@ def test_a_float16_overflow_is_redone_in_float32():
     for i, (_, out, _) in enumerate(results):
         with compute_context(CPU, torch.float32, model=model):
             assert torch.equal(out, model.encode(x[i : i + 1]))
+
+
+# --- --dtype auto: measured, not fooled by warm-up -------------------------------------------------
+
+
+class _FakeClock:
+    """Seconds that pass only inside the model: ``cost(dtype, n)`` for a precision's n-th call."""
+
+    def __init__(self, model, cost):
+        self.now, self.calls, self.cost = 0.0, {}, cost
+        model.encoder.register_forward_pre_hook(self._tick)  # (once an encode + decode)
+
+    def _tick(self, module, args):
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
+        n = self.calls[dtype] = self.calls.get(dtype, 0) + 1
+        self.now += self.cost(dtype, n)
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_auto_measures_bfloat16_on_any_cpu():
+    assert torch.bfloat16 in precision.auto_candidates(CPU)
+
+
+def test_auto_is_not_fooled_by_a_slow_first_call():
+    """bfloat16's first call pays a 50x warm-up, float32's none; in steady state bfloat16 is
+    twice as fast: it is chosen."""
+    model = tiny()
+    clock = _FakeClock(model, lambda d, n: 1.0 if d == torch.float32 else (25.0 if n == 1 else 0.5))
+    choice = precision.choose_dtype(model, CPU, candidates=[torch.bfloat16], size=32, clock=clock)
+    assert choice.dtype == torch.bfloat16
+    assert choice.seconds == {"float32": 1.0, "bfloat16": 0.5}
+
+
+def test_auto_is_not_fooled_by_float32_warming_up_first():
+    """float32, measured first, pays a cold start; in steady state it is the faster: float32."""
+    model = tiny()
+    clock = _FakeClock(model, lambda d, n: (30.0 if n == 1 else 1.0) if d == torch.float32 else 1.5)
+    assert precision.choose_dtype(model, CPU, candidates=[torch.bfloat16], size=32, clock=clock).dtype == torch.float32
+
+
+def test_auto_keeps_float32_when_the_gain_is_within_noise():
+    model = tiny()
+    clock = _FakeClock(model, lambda d, n: 1.0 if d == torch.float32 else 0.97)
+    assert precision.choose_dtype(model, CPU, candidates=[torch.bfloat16], size=32, clock=clock).dtype == torch.float32
+
+
+def test_auto_times_with_the_heap_kept_as_in_a_run():
+    from vqcli.speed import heap
+
+    if heap._LIBC is None:
+        pytest.skip("not glibc: the heap is not tuned")
+    model = tiny()
+    depths = []
+    model.encoder.register_forward_pre_hook(lambda m, a: depths.append(heap._depth))
+    precision.choose_dtype(model, CPU, candidates=[torch.bfloat16], size=32)
+    assert depths and all(d > 0 for d in depths)
+    assert heap._depth == 0
