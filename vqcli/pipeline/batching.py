@@ -128,16 +128,17 @@ def compute(
     model = batch[0].model
     device = next(model.parameters()).device
     budget = budget or default_budget(device)
+    failure = None
     try:
-        x = torch.cat([item.data for item in batch])
-        out = retry_in_tiles(lambda b: _run(model, fn, x, device, dtype, b, compile), budget, device=device,
-                             what=f"a batch of {len(batch)}" if len(batch) > 1 else str(batch[0].job.rel))
+        out = _run(model, fn, torch.cat([item.data for item in batch]), device, dtype, budget, compile)
     except RuntimeError as e:
+        failure = first_line(e)
+        log.debug("model failed on %s", ", ".join(str(item.job.input) for item in batch), exc_info=True)
+    if failure is not None:  # (out of the except block: the error's traceback no longer holds device memory)
         if len(batch) > 1:
-            log.debug("batch of %d failed (%s); retrying one by one", len(batch), e)
+            log.debug("batch of %d failed (%s); retrying one by one", len(batch), failure)
             return [r for item in batch for r in compute([item], fn, dtype, budget, compile)]
-        log.debug("model failed on %s", batch[0].job.input, exc_info=True)
-        return [(batch[0], FileError(batch[0].job.input, f"model failed ({first_line(e)})"), False)]
+        return [(batch[0], FileError(batch[0].job.input, f"model failed ({failure})"), False)]
     results = []
     for i, item in enumerate(batch):
         y = out[i : i + 1]
@@ -145,8 +146,7 @@ def compute(
         if not finite(y):
             if dtype != torch.float32:
                 try:
-                    y = retry_in_tiles(lambda b: _run(model, fn, item.data, device, torch.float32, b, compile), budget,
-                                       device=device, what=f"{item.job.rel} in float32")
+                    y = _run(model, fn, item.data, device, torch.float32, budget, compile)
                 except RuntimeError as e:
                     results.append((item, FileError(item.job.input, f"model failed ({first_line(e)})"), False))
                     continue
@@ -159,14 +159,27 @@ def compute(
 
 
 def _run(
-    model, fn, x: torch.Tensor, device: torch.device, dtype: torch.dtype, budget: int | None = None, compile: bool = False
+    model,
+    fn,
+    x: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+    budget: int | None = None,
+    compile: bool = False,
 ) -> torch.Tensor:
+    """``fn(model, x)`` on ``device`` in ``dtype`` within ``budget`` (None: the device's default),
+    the output back on the CPU. Out of memory, it is computed again in tiles (``speed.oom``)."""
+    budget = budget or default_budget(device)
     x = x.to(device)
     if x.dim() == 4 and x.is_floating_point():
         x = x.contiguous(memory_format=memory_format_for(dtype))
-    with compute_context(device, dtype, model=model, budget=budget, compile=compile):
-        y = fn(model, x)
-    release_heap_above(budget or default_budget(device))  # (inside a run: what it keeps between images)
+
+    def attempt(bytes_: int) -> torch.Tensor:
+        with compute_context(device, dtype, model=model, budget=bytes_, compile=compile):
+            return fn(model, x)
+
+    y = retry_in_tiles(attempt, budget, device=device)
+    release_heap_above(budget)  # (inside a run: what it keeps between images)
     return y.detach().to("cpu")
 
 

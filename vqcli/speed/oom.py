@@ -25,7 +25,7 @@ MIN_BUDGET = 64 * 2**20  # bytes: below this the bands are so thin that their ha
 SHRINK = 4  # each retry's budget is this much smaller
 
 
-def retry_in_tiles(run: Callable[[int], T], budget: int, *, device: torch.device, what: str = "a batch") -> T:
+def retry_in_tiles(run: Callable[[int], T], budget: int, *, device: torch.device) -> T:
     """``run(budget)``; where it runs out of memory, ``run`` again under budgets ``SHRINK`` times
     smaller each time, down to ``MIN_BUDGET`` (the first retry said in one warning line). Other
     errors pass through untouched."""
@@ -41,8 +41,8 @@ def retry_in_tiles(run: Callable[[int], T], budget: int, *, device: torch.device
         smaller = max(MIN_BUDGET, current // SHRINK)
         _release_cached(device)
         if current == budget:
-            log.warning("out of memory on %s computing %s with a %d MB budget: computing it in tiles instead "
-                        "(same result, slower; --max-memory sets the budget)", device, what, budget >> 20, )
+            log.warning("out of memory on %s with a %d MB budget: computing in tiles instead (same result, "
+                        "slower; --max-memory sets the budget)", device, budget >> 20)
         else:
             log.debug("out of memory again with a %d MB budget; retrying with %d MB", current >> 20, smaller >> 20)
         current = smaller
