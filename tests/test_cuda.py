@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import subprocess
@@ -22,7 +23,9 @@ from vqcli import AutoEncoder, AutoEncoderConfig
 from vqcli.checkpoints.native import save_native
 from vqcli.pipeline.batching import Item, compute
 from vqcli.pipeline.results import Job
+from vqcli.speed import budget as budgets
 from vqcli.speed.context import compute_context, prepare_model
+from vqcli.speed.precision import AUTO_MIN_PSNR, choose_dtype
 
 pytestmark = [
     pytest.mark.cuda,
@@ -161,6 +164,68 @@ def test_tiled_decode_keeps_peak_gpu_memory_near_its_budget():
     whole_peak = torch.cuda.max_memory_allocated() - base
     assert tiled_peak < whole_peak / 2
     assert tiled_peak < 2 * budget + y.nbytes  # the output itself is whole
+
+
+def _decode_item(z: torch.Tensor, model) -> list[Item]:
+    return [Item(Job(Path("z"), Path("."), Path("z"), Path("o")), z, (0,), model)]
+
+
+def _decode(m, t):
+    return m.decode(t)
+
+
+def test_a_real_out_of_memory_error_is_retried_in_tiles_with_the_untiled_result(caplog):
+    """The process capped (``set_per_process_memory_fraction``) below what a whole 1024 px decode
+    needs: the first try runs out of memory, the retry in tiles fits and gives the whole result."""
+    model = model_on(GPU)
+    z = torch.randn(1, 4, 256, 256, generator=torch.Generator().manual_seed(3))
+    with strict_float32():
+        with compute_context(GPU, torch.float32, model=model, budget=2**40):
+            expected = model.decode(z.to(GPU)).cpu()
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(0).total_memory
+        cap = torch.cuda.memory_allocated() + 400 * 2**20  # a whole decode needs about 1 GB more
+        torch.cuda.set_per_process_memory_fraction(cap / total)
+        try:
+            with caplog.at_level(logging.WARNING):
+                (_, out, redone), = compute(_decode_item(z, model), _decode, torch.float32, budget=2**40)
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+    assert isinstance(out, torch.Tensor), out
+    assert rel(out, expected) < 1e-5
+    assert len([r for r in caplog.records if "out of memory" in r.getMessage()]) == 1
+
+
+def test_the_default_budget_comes_from_the_gpus_free_memory(monkeypatch):
+    """With little free on the device (``mem_get_info`` says 48 MB), a decode tiles on its own: less
+    memory, the same result."""
+    model = model_on(GPU)
+    z = torch.randn(1, 4, 128, 128, device=GPU)
+    with strict_float32():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with compute_context(GPU, torch.float32, model=model):  # (an H200 has room: whole)
+            whole = model.decode(z)
+        whole_peak = torch.cuda.max_memory_allocated() - base
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (48 * 2**20, 2**36))
+        torch.cuda.empty_cache()
+        assert budgets.default_budget(GPU) < 64 * 2**20
+        torch.cuda.reset_peak_memory_stats()
+        with compute_context(GPU, torch.float32, model=model):
+            tiled = model.decode(z)
+        tiled_peak = torch.cuda.max_memory_allocated() - base
+    assert rel(tiled, whole) < 1e-5
+    assert tiled_peak < whole_peak / 2
+
+
+def test_dtype_auto_on_the_gpu_measures_both_reduced_precisions():
+    model = model_on(GPU)
+    choice = choose_dtype(model, GPU, size=64)
+    assert set(choice.seconds) == {"float32", "float16"} | ({"bfloat16"} if torch.cuda.is_bf16_supported() else set())
+    name = str(choice.dtype).removeprefix("torch.")
+    assert choice.psnr[name] >= AUTO_MIN_PSNR
+    assert all(p.device.type == "cuda" for p in model.parameters())
 
 
 def test_cli_encode_and_decode_with_device_cuda(tmp_path):
