@@ -110,3 +110,14 @@ def test_files_that_cannot_be_measured_are_reported(latent_set, tmp_path):
     assert any("bad.json" in x and "not a partial result" in x for x in lines)
     r = cli("stats", tmp_path / "v.png.safetensors")
     assert r.exit_code == 1 and "no latent values to measure" in r.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_merge_their_sums(latent_set):
+    from test_distributed import torchrun
+
+    root, values = latent_set
+    p = torchrun("stats", root, "--json", timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    (line,) = [x for x in p.stdout.splitlines() if x.startswith("{")]  # rank 0 alone prints
+    _check(json.loads(line), values, 6)

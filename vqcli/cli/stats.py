@@ -72,7 +72,7 @@ def stats(
         else:
             files.append(found[0])
     if share is not None:
-        files = files[share.index :: share.count]
+        files = files[share.index :: share.count][share.rank :: share.world]  # the shard's, then this rank's part
     distributed.start(ctx)
     try:
         for path, reason in accumulate(files, total):
