@@ -732,3 +732,26 @@ def test_a_file_named_twice_is_done_once(tmp_path, models, images):
     r = cli("encode", images, images / "odd.png", "-o", tmp_path / "lat", "--model", models["kl"], "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["total"] == 5
+
+
+def test_latent_of_a_copy_of_an_embedded_model_decodes_without_model(tmp_path, models, images):
+    """Encoded with --model PATH where PATH holds an embedded model's weights: the recorded hash is
+    the embedded model's, so decode finds it; another file's latents still need --model."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    shutil.copy(models["kl"], weights / "default.safetensors")
+    shutil.copy(models["vq"], weights / "default-vq.safetensors")
+    env = {"VQCLI_WEIGHTS_DIR": str(weights)}
+    copy = shutil.copy(models["vq"], tmp_path / "my-copy.safetensors")
+    assert cli("encode", images / "odd.png", "-o", tmp_path / "lat", "--model", copy, env=env).exit_code == 0
+    assert cli("encode", images / "odd.png", "-o", tmp_path / "ref", "--model", "default-vq", env=env).exit_code == 0
+    r = cli("decode", tmp_path / "lat", "-o", tmp_path / "rec", env=env)
+    assert r.exit_code == 0, r.output
+    r = cli("decode", tmp_path / "ref", "-o", tmp_path / "rec_ref", env=env)
+    assert r.exit_code == 0, r.output
+    a, b = (np.asarray(Image.open(p / "odd.png")) for p in (tmp_path / "rec", tmp_path / "rec_ref"))
+    assert a.shape == (17, 33, 3) and np.array_equal(a, b)
+    other = shutil.copy(models["kl_other"], tmp_path / "other.safetensors")
+    assert cli("encode", images / "odd.png", "-o", tmp_path / "lat2", "--model", other, env=env).exit_code == 0
+    r = cli("decode", tmp_path / "lat2", "-o", tmp_path / "rec2", env=env)
+    assert r.exit_code == 1 and "made by the model file 'other.safetensors'" in r.stderr

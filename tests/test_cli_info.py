@@ -123,3 +123,26 @@ def test_half_precision_and_foreign_weights_agree_with_their_latents(tmp_path):
         assert weights_info["model"]["sha256"] == latent_info["model_sha256"] == latent_sha
         assert weights_info["dtypes"] == {"float16": len(model.state_dict())}  # as stored
     assert weights_info["type"] == "checkpoint" and weights_info["format"] == "original"
+
+
+def test_embedded_model_names(files, tmp_path, monkeypatch):
+    import shutil
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    shutil.copy(files["kl"], weights / "default.safetensors")
+    shutil.copy(files["vq"], weights / "default-vq.safetensors")
+    monkeypatch.setenv("VQCLI_WEIGHTS_DIR", str(weights))
+    monkeypatch.chdir(tmp_path)  # (no file named "default" here)
+    r = runner.invoke(app, ["info", "default", "default-vq", "--json"])
+    assert r.exit_code == 0, r.output
+    kl, vq = json.loads(r.stdout)["files"]
+    assert kl["type"] == "weights" and kl["model"]["sha256"] == files["sha_kl"]
+    assert kl["file"] == str(weights / "default.safetensors")
+    assert vq["type"] == "weights" and vq["model"]["kind"] == "vq"
+    r = runner.invoke(app, ["info", "default"])
+    assert r.exit_code == 0 and "no such file" not in r.output
+    # a file named like an embedded model is that file
+    (tmp_path / "default").write_bytes(b"junk")
+    r = runner.invoke(app, ["info", "default", "--json"])
+    assert r.exit_code == 1

@@ -22,7 +22,8 @@ from vqcli.cli.common import JsonOpt, epilog, help_text
 
 HELP = help_text(
     """
-    Describe latent files, weights files and other safetensors files.
+    Describe latent files, weights files and other safetensors files; an embedded model's name
+    (default, default-vq) describes that model.
 
     For a latent file: the image it came from (original and padded size), the model (name,
     SHA-256 of its weights, config), scale and shift and whether they were applied, the tensor's
@@ -42,20 +43,23 @@ _MODEL_ROWS = ("type", "format", "ignored_keys", "model", "config", "downsamplin
     help=HELP,
     epilog=epilog(
         "vqcli info latents/astronaut.png.safetensors",
-        "vqcli info vqcli/weights/default.safetensors --json",
+        "vqcli info default --json",
         "vqcli info latents/*.safetensors",
     ),
 )
 @handle_errors
 def info(
-    files: Annotated[list[Path], typer.Argument(metavar="FILE...", help="Files to describe.", show_default=False)],
+    files: Annotated[list[Path], typer.Argument(metavar="FILE...", help="Files to describe, or embedded model names.", show_default=False)],
     as_json: JsonOpt = False,
 ) -> None:
+    from vqcli.checkpoints.registry import embedded_path, is_embedded
     from vqcli.errors import FileError
     from vqcli.pipeline.fileinfo import describe
 
     described, failures = [], []
     for path in files:
+        if is_embedded(str(path)) and not path.exists():  # `vqcli info default`: the embedded model
+            path = embedded_path(str(path))
         try:
             described.append(describe(path))
         except FileError as e:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from vqcli.checkpoints.load import resolve_model, with_factors
-from vqcli.checkpoints.registry import is_embedded
+from vqcli.checkpoints.registry import EMBEDDED_MODELS, embedded_path, is_embedded
 from vqcli.errors import FileError, UsageError, VqcliError
 from vqcli.io import latents as lat
 from vqcli.io.images import DEFAULT_MAX_PIXELS, save_image, vqcli_mark, written_by_vqcli
@@ -69,6 +69,7 @@ class ModelChooser:
         self._embedded: dict[str, AutoEncoder | VqcliError] = {}
         self._views: dict[tuple, AutoEncoder] = {}
         self._dtypes: dict[int, torch.dtype] = {}  # id(model or view) -> its precision under auto
+        self._identities: dict[str, str] | None = None  # an embedded model's weights identity -> its name
         self._lock = threading.Lock()
 
     def dtype_for(self, model: AutoEncoder) -> torch.dtype:
@@ -84,6 +85,9 @@ class ModelChooser:
             model, label = self.model, self.label
         elif meta.model_embedded and is_embedded(meta.model):
             model, label = self._embedded_model(path, meta.model), f"the embedded model {meta.model!r}"
+        elif (name := self._embedded_with_hash(meta.model_sha256)) is not None:
+            # made with --model pointing at a copy of an embedded model's weights: the same weights
+            model, label = self._embedded_model(path, name), f"the embedded model {name!r}"
         else:
             raise FileError(
                 path,
@@ -98,6 +102,21 @@ class ModelChooser:
             if id(model) in self._dtypes:
                 self._dtypes[id(self._views[key])] = self._dtypes[id(model)]
         return self._views[key]
+
+    def _embedded_with_hash(self, sha256: str) -> str | None:
+        """The embedded model whose weights have this identity, if any (each installed embedded
+        model is loaded once, when a latent of a weights file is first met)."""
+        if self._identities is None:
+            self._identities = {}
+            for name in EMBEDDED_MODELS:
+                if not embedded_path(name).is_file():
+                    continue
+                try:
+                    model = self._embedded_model(Path(name), name)
+                except FileError:
+                    continue
+                self._identities.setdefault(model.identity(), name)
+        return self._identities.get(sha256)
 
     def _embedded_model(self, path: Path, name: str) -> AutoEncoder:
         if name not in self._embedded:
