@@ -8,12 +8,12 @@ import logging
 import os
 import re
 import signal
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from vqcli.errors import UsageError, VqcliError
 
@@ -33,20 +33,56 @@ class _Commands(TyperGroup):
             raise
 
 
-app = typer.Typer(
-    cls=_Commands,
+class _FlagsShownAsFlags:
+    """Help that shows a boolean option as the flag it is (``--overwrite``), not ``--overwrite <bool>``."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+        return params
+
+
+class _Command(_FlagsShownAsFlags, TyperCommand):
+    pass
+
+
+class _Group(_FlagsShownAsFlags, _Commands):
+    pass
+
+
+class _Typer(typer.Typer):
+    def command(self, *args, cls=None, **kwargs):
+        return super().command(*args, cls=cls or _Command, **kwargs)
+
+
+app = _Typer(
     name="vqcli",
     help="Encode images into autoencoder latents and reconstruct them.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
+    cls=_Group,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from vqcli import __version__
+
+        typer.echo(f"vqcli {__version__}")
+        raise typer.Exit()
+
 
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print vqcli's version and exit."),
+    ] = False,
+) -> None:
     """Encode images into autoencoder latents and reconstruct them.
 
     Start with: vqcli encode sample_images -o latents && vqcli decode latents -o recon
@@ -114,6 +150,11 @@ class _JsonMode:
     says its error as a JSON object on stdout."""
 
     command: str | None = None
+
+
+def print_json(command: str, ok: bool, fields: dict) -> None:
+    """Every command's --json object on stdout: ``json_result``'s envelope around its fields."""
+    out_console.print_json(json.dumps(json_result(command, bool(ok), **fields)))
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:

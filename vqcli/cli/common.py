@@ -8,7 +8,6 @@ Failures are printed once each, as ``path: reason``, as they happen.
 from __future__ import annotations
 
 import inspect
-import json
 import time
 from collections.abc import Callable
 from typing import Annotated, Any, Optional
@@ -30,6 +29,7 @@ from vqcli.cli._app import (
     EXIT_SOME_FAILED,
     err_console,
     out_console,
+    print_json,
     shown,
 )
 from vqcli.pipeline.results import DONE, FAILED, SKIPPED, FileResult, StopRun
@@ -249,7 +249,7 @@ class RunReport:
         """Print the summary (JSON on stdout, or one line for people) and return the exit code."""
         s = self.summary()
         if self.as_json:
-            out_console.print_json(json.dumps(s))
+            print_json(self.command, self.exit_code() == EXIT_OK, {k: v for k, v in s.items() if k != "command"})
         elif not self.quiet:
             parts = [f"{s['done']} {self.verb}"]
             if s["skipped"]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -10,7 +9,14 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from vqcli.cli._app import app, err_console, handle_errors, out_console, shown
+from vqcli.cli._app import (
+    app,
+    err_console,
+    handle_errors,
+    out_console,
+    print_json,
+    shown,
+)
 
 
 class Target(str, Enum):
@@ -68,7 +74,7 @@ def convert(
             "identity": model.identity(),
             "config": c.to_dict(),
         }
-        out_console.print_json(json.dumps(summary))
+        print_json("convert", True, summary)
     else:
         err_console.print(
             f"wrote {shown(output)} ({written}): {shown(describe(c))}, scale {c.scale_factor:g}, shift {c.shift_factor:g}",
@@ -110,7 +116,7 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print JSON on std
         embedded.append(entry)
 
     if as_json:
-        out_console.print_json(json.dumps({"presets": presets, "embedded": embedded}))
+        print_json("models", True, {"presets": presets, "embedded": embedded})
         return
     table = Table(title="Presets (use with --preset)", title_justify="left")
     for column in ("name", "family", "scale", "shift", "architecture"):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from vqcli.cli._app import app, fail, handle_errors, out_console, shown
+from vqcli.cli._app import app, fail, handle_errors, out_console, print_json, shown
 from vqcli.cli.common import (
     DeviceOpt,
     JsonOpt,
@@ -130,7 +129,7 @@ def features(
             "dtype": dtype_name(torch_dtype),
             "layers": rows,
         }
-        out_console.print_json(json.dumps(summary))
+        print_json("features", True, summary)
         return
     if quiet:
         return

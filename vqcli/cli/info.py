@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +15,7 @@ from vqcli.cli._app import (
     err_console,
     handle_errors,
     out_console,
+    print_json,
     shown,
 )
 from vqcli.cli.common import JsonOpt, epilog, help_text
@@ -66,7 +66,7 @@ def info(
             failures.append({"path": str(path), "reason": e.reason})
             err_console.print(shown(f"{path}: {e.reason}"), highlight=False, soft_wrap=True, style="red")
     if as_json:
-        out_console.print_json(json.dumps({"files": described, "failures": failures}))
+        print_json("info", not failures, {"files": described, "failures": failures})
     else:
         for d in described:
             out_console.print(_table(d))

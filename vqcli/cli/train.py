@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from vqcli.cli._app import (
     err_console,
     fail,
     handle_errors,
-    out_console,
+    print_json,
     shown,
 )
 from vqcli.errors import first_line
@@ -64,8 +63,8 @@ def train(
     kind: Optional[str] = typer.Option(None, help="kl or vq (overrides the preset)."),
     ch: Optional[int] = typer.Option(None, help="Base channels, a multiple of 32."),
     ch_mult: Optional[str] = typer.Option(None, "--ch-mult", help="Channel multipliers per level, e.g. 1,2,4,4."),
-    num_res_blocks: Optional[int] = typer.Option(None, "--num-res-blocks", min=1),
-    z_channels: Optional[int] = typer.Option(None, "--z-channels", min=1),
+    num_res_blocks: Optional[int] = typer.Option(None, "--num-res-blocks", min=1, help="Residual blocks per level (default: the base model's)."),
+    z_channels: Optional[int] = typer.Option(None, "--z-channels", min=1, help="Latent channels (default: the base model's)."),
     codebook_size: Optional[int] = typer.Option(None, "--codebook-size", min=2, help="VQ codebook entries."),
     mid_attention: Optional[bool] = typer.Option(
         None, "--mid-attention/--no-mid-attention", help="The middle attention block [default: the preset's]."
@@ -82,8 +81,8 @@ def train(
     until: Optional[int] = typer.Option(
         None, "--until", min=1, help="Stop after this step, leaving the checkpoint to --resume from (phased recipes)."
     ),
-    checkpoint_every: int = typer.Option(250, "--checkpoint-every", min=1),
-    val_every: int = typer.Option(500, "--val-every", min=1),
+    checkpoint_every: int = typer.Option(250, "--checkpoint-every", min=1, help="Steps between the checkpoints --resume continues from (OUTPUT.ckpt)."),
+    val_every: int = typer.Option(500, "--val-every", min=1, help="Steps between measurements of the validation PSNR."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT.ckpt, written every --checkpoint-every steps."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -225,7 +224,7 @@ def train(
         "seconds": round(time.perf_counter() - started, 2),
     }
     if as_json:
-        out_console.print_json(json.dumps(summary))
+        print_json("train", True, summary)
     elif not quiet:
         val_text = f", validation PSNR {summary['val_psnr']:.2f} dB" if summary["val_psnr"] is not None else ""
         err_console.print(f"saved {shown(output)} after {summary['steps']} steps{val_text}", highlight=False, soft_wrap=True)
