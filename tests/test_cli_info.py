@@ -101,7 +101,7 @@ def test_table_and_failures(files, tmp_path):
     ]
     r = runner.invoke(app, ["info", str(tmp_path / "nope.safetensors"), "--json"])
     assert r.exit_code == 1
-    assert json.loads(r.stdout) == {"files": [], "failures": [{"path": str(tmp_path / "nope.safetensors"), "reason": "no such file"}]}
+    assert json.loads(r.stdout) == {"command": "info", "ok": False, "files": [], "failures": [{"path": str(tmp_path / "nope.safetensors"), "reason": "no such file"}]}
 
 
 def test_half_precision_and_foreign_weights_agree_with_their_latents(tmp_path):
