@@ -51,7 +51,8 @@ class Model:
         ``image``: a file path (read as ``vqcli encode`` reads it), a PIL image, or a numpy array
         (H, W, 3) or (H, W): uint8, or float in [0, 1].
         """
-        rgb, source = _rgb(image, max_pixels)
+        details: dict = {}
+        rgb, source = _rgb(image, max_pixels, details)
         height, width = rgb.shape[:2]
         tensor = encode_array(self.autoencoder, rgb, dtype=self.dtype)
         kind = self.autoencoder.config.kind
@@ -63,6 +64,7 @@ class Model:
             model_name=self.name,
             model_embedded=self.embedded,
             representation="indices" if kind == "vq" else "mean",
+            icc_profile=details.get("icc_profile"),
         )
         return Latent(lat.to_storage(tensor, meta), meta)
 
@@ -104,13 +106,13 @@ def write_latent(path: str | os.PathLike, latent: Latent, *, overwrite: bool = F
     lat.write_latent(path, latent.tensor, latent.meta, overwrite=overwrite)
 
 
-def _rgb(image: ImageLike, max_pixels: int | None) -> tuple[np.ndarray, str]:
+def _rgb(image: ImageLike, max_pixels: int | None, details: dict) -> tuple[np.ndarray, str]:
     """(H, W, 3) float32 in [0, 1], and the name to record as the latent's source."""
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
-        return load_image(path, max_pixels=max_pixels), path.name
+        return load_image(path, max_pixels=max_pixels, details=details), path.name
     if isinstance(image, Image.Image):
-        return pil_to_rgb(image), getattr(image, "filename", "") and Path(image.filename).name or ""
+        return pil_to_rgb(image, details), getattr(image, "filename", "") and Path(image.filename).name or ""
     if isinstance(image, np.ndarray):
         return _array_rgb(image), ""
     raise UsageError(f"an image is a path, a PIL image or a numpy array, not {type(image).__name__}")

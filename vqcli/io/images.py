@@ -3,7 +3,12 @@
 Reading always gives RGB as float32 in [0, 1], shape (H, W, 3), whatever the file holds:
 
 - EXIF orientation is applied, so the image is upright as viewers show it;
-- animated images (GIF, APNG, WebP, multi-page TIFF) give their first frame;
+- animated images (GIF, APNG, WebP, multi-page TIFF) give their first frame (``details["frames"]``
+  says how many there were);
+- an embedded ICC colour profile other than sRGB is converted to sRGB by Pillow's ``ImageCms``
+  (relative colorimetric); ``details["icc_profile"]`` names the source profile;
+- AVIF is read where this Pillow reads it; HEIC/HEIF where ``pillow-heif`` is installed (the extra
+  ``vqcli[heif]``), otherwise refused with a line saying how to add it;
 - transparency (RGBA, LA, palette with a transparent colour) is composited over white;
 - greyscale is repeated over the three channels; CMYK, YCbCr, LAB and HSV are converted by Pillow;
 - 16-bit greyscale images keep their precision (scaled by 1/65535); 16-bit colour images are
@@ -39,14 +44,16 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError, features
 
 from vqcli.errors import FileError, first_line
 from vqcli.io.atomic import atomic_path
 
 IMAGE_EXTENSIONS = frozenset(
-    ".png .jpg .jpeg .jpe .jfif .webp .bmp .dib .gif .tif .tiff .ppm .pgm .pbm .pnm .tga .ico .qoi".split()
+    ".png .jpg .jpeg .jpe .jfif .webp .bmp .dib .gif .tif .tiff .ppm .pgm .pbm .pnm .tga .ico .qoi .avif .heic .heif"
+    .split()
 )
+HEIF_HINT = "a HEIC/HEIF image; reading it needs pillow-heif: pip install 'vqcli[heif]'"
 
 
 OUTPUT_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
@@ -61,7 +68,12 @@ DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 # The Pillow formats of IMAGE_EXTENSIONS, the only ones tried when a file is opened ("JPEG" covers
 # the multi-picture JPEGs (MPO) cameras write; "PPM" the .pgm, .pbm and .pnm variants).
-READ_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "DIB", "GIF", "TIFF", "PPM", "TGA", "ICO", "QOI")
+READ_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "DIB", "GIF", "TIFF", "PPM", "TGA", "ICO", "QOI") + (
+    ("AVIF",) if features.check("avif") else ()
+)
+# ISO base media file brands (bytes 8-12, after "ftyp") of HEIC/HEIF images, and of AVIF ones.
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
+_AVIF_BRANDS = {b"avif", b"avis"}
 
 
 # What Pillow's plugins and decoders raise on damaged data (besides OSError, their usual one): each
@@ -77,15 +89,19 @@ def is_image_path(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_image(
+    path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, details: dict | None = None
+) -> np.ndarray:
     """Read an image file as RGB float32 in [0, 1], shape (H, W, 3), or raise ``FileError``.
 
     Images of more than ``max_pixels`` pixels are refused from their header, before their pixels
     are decoded (``None`` lifts the limit). Safe to call from several threads at once.
+    ``details``, when given, receives ``frames`` (an animated image's frame count, of which the
+    first was read) and ``icc_profile`` (the name of the colour profile converted to sRGB).
     """
     path = Path(path)
     _refuse_special(path)
-    return _load(path, path, max_pixels)
+    return _load(path, path, max_pixels, details)
 
 
 def _refuse_special(path: Path) -> None:
@@ -98,10 +114,12 @@ def _refuse_special(path: Path) -> None:
         raise FileError(path, "not a regular file (a pipe, socket or device); not read")
 
 
-def load_image_bytes(data: bytes, path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_image_bytes(
+    data: bytes, path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, details: dict | None = None
+) -> np.ndarray:
     """An image held in memory (an archive's member, say), read exactly as ``load_image`` reads a
     file, with the same checks; errors name ``path``."""
-    return _load(io.BytesIO(data), Path(path), max_pixels)
+    return _load(io.BytesIO(data), Path(path), max_pixels, details)
 
 
 BYTES_PER_PIXEL_BOUND = 8  # the most an image file stores per pixel (16-bit RGBA, uncompressed)
@@ -131,17 +149,23 @@ def member_too_large(size: int, head: bytes, max_pixels: int) -> str:
     return ""
 
 
-def _load(source: Path | io.BytesIO, path: Path, max_pixels: int | None) -> np.ndarray:
+def _load(source: Path | io.BytesIO, path: Path, max_pixels: int | None, details: dict | None = None) -> np.ndarray:
     _allow_pillow(max_pixels)
+    details = {} if details is None else details
     try:
         with _pillow_warnings_off():
+            if _brand(source) in _HEIF_BRANDS:
+                return _load_heif(source, path, max_pixels, details)
             with _open_unchecked(source) as im:
                 _check_size(path, im.size, max_pixels)
+                frames = getattr(im, "n_frames", 1)
+                if frames > 1:
+                    details["frames"] = frames
                 im.seek(0)
                 im.load()
                 # a container (an ICO's embedded PNG) may hold a larger image than its header said
                 _check_size(path, im.size, max_pixels)
-                return pil_to_rgb(im)
+                return pil_to_rgb(im, details)
     except FileError:
         raise
     except IsADirectoryError:
@@ -153,6 +177,8 @@ def _load(source: Path | io.BytesIO, path: Path, max_pixels: int | None) -> np.n
     except UnidentifiedImageError:
         if _is_empty(source):
             raise FileError(path, "empty file (0 bytes), not an image") from None
+        if _brand(source) in _AVIF_BRANDS:
+            raise FileError(path, "an AVIF image, which this Pillow cannot read (pip install -U pillow)") from None
         other = _other_format(source)
         if other is not None:
             raise FileError(
@@ -163,6 +189,36 @@ def _load(source: Path | io.BytesIO, path: Path, max_pixels: int | None) -> np.n
         raise FileError(path, f"{first_line(e)}; raise the limit with --max-pixels") from None
     except _DECODER_ERRORS as e:
         raise FileError(path, f"cannot decode image ({first_line(e)[:200]})") from None
+
+
+def _brand(source: Path | io.BytesIO) -> bytes | None:
+    """The major brand of an ISO base media file (HEIC, AVIF), from its first 12 bytes, if it is one."""
+    try:
+        if isinstance(source, io.BytesIO):
+            head = source.getbuffer()[:12].tobytes()
+        else:
+            with open(source, "rb") as f:
+                head = f.read(12)
+    except OSError:
+        return None  # (the open that follows says what is wrong)
+    return head[8:12] if len(head) == 12 and head[4:8] == b"ftyp" else None
+
+
+def _load_heif(source: Path | io.BytesIO, path: Path, max_pixels: int | None, details: dict) -> np.ndarray:
+    """A HEIC/HEIF image through pillow-heif (without registering it in Pillow: no process-wide change)."""
+    try:
+        import pillow_heif
+    except ImportError:
+        raise FileError(path, HEIF_HINT) from None
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    heif = pillow_heif.open_heif(source, convert_hdr_to_8bit=True)
+    _check_size(path, heif.size, max_pixels)
+    if len(heif) > 1:
+        details["frames"] = len(heif)
+    im = heif.to_pillow()
+    _check_size(path, im.size, max_pixels)
+    return pil_to_rgb(im, details)
 
 
 def _other_format(source: Path | io.BytesIO) -> str | None:
@@ -270,9 +326,43 @@ def _allow_pillow(max_pixels: int | None) -> None:
             Image.MAX_IMAGE_PIXELS = max_pixels
 
 
-def pil_to_rgb(im: Image.Image) -> np.ndarray:
-    """A PIL image's pixels as ``load_image`` gives a file's: upright, RGB float32 in [0, 1]."""
-    return _to_rgb_float(ImageOps.exif_transpose(im))
+def pil_to_rgb(im: Image.Image, details: dict | None = None) -> np.ndarray:
+    """A PIL image's pixels as ``load_image`` gives a file's: upright, in sRGB, RGB float32 in [0, 1]
+    (``details`` as ``load_image``'s)."""
+    return _to_rgb_float(to_srgb(ImageOps.exif_transpose(im), details))
+
+
+_SRGB = ImageCms.createProfile("sRGB")
+
+
+def profile_name(icc: bytes) -> str:
+    """An ICC profile's description (its name), or "" when it has none or cannot be parsed."""
+    try:
+        return ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(icc))).strip()
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return ""
+
+
+def to_srgb(im: Image.Image, details: dict | None = None) -> Image.Image:
+    """``im`` converted to sRGB from its embedded ICC profile (RGB and RGBA images); unchanged when it
+    has none, when the profile is sRGB's, or when the profile cannot be used (the pixels are then
+    taken as sRGB, as every viewer without colour management shows them)."""
+    icc = im.info.get("icc_profile")
+    if not icc or im.mode not in ("RGB", "RGBA"):
+        return im
+    name = profile_name(icc)
+    if not name or "srgb" in name.lower().replace(" ", "").replace("-", ""):
+        return im
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        converted = ImageCms.profileToProfile(
+            im, source, _SRGB, renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC, outputMode=im.mode
+        )
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return im
+    if details is not None:
+        details["icc_profile"] = name
+    return converted
 
 
 def _to_rgb_float(im: Image.Image) -> np.ndarray:

@@ -23,6 +23,8 @@ strings, as safetensors requires) says everything ``decode`` needs:
                     tensor is ``(z - shift_factor) * scale_factor`` (diffusion-ready)
 ``kind``            ``kl`` or ``vq``; ``representation`` ``mean``, ``sample`` or ``indices``;
                     ``seed`` the draw's seed (``sample`` only); ``dtype`` the tensor's dtype
+``icc_profile``     the name of the image's colour profile, converted to sRGB before encoding
+                    (only for images that had one other than sRGB)
 ==================  ==========================================================================
 
 Every field is checked on reading (types, ranges, shapes against the config, index range, finite
@@ -113,6 +115,7 @@ class LatentMeta:
     original_size: tuple[int, int] | None = None  # (height, width) before a resize (None: not resized)
     crop_top_left: tuple[int, int] = (0, 0)  # (top, left) of the crop in the resized image
     bucket: bool = False  # the size (height, width) is an aspect-ratio bucket (--buckets)
+    icc_profile: str | None = None  # the colour profile the image was converted to sRGB from
 
     @property
     def kind(self) -> str:
@@ -162,6 +165,8 @@ class LatentMeta:
         meta["target_size"] = f"{self.height},{self.width}"
         if self.bucket:
             meta["bucket"] = "true"
+        if self.icc_profile is not None:
+            meta["icc_profile"] = self.icc_profile
         return meta
 
     def to_json(self) -> dict:
@@ -223,6 +228,7 @@ def make_meta(
     crop_top_left: tuple[int, int] = (0, 0),
     bucket: bool = False,
     dtype: str | None = None,
+    icc_profile: str | None = None,
 ) -> LatentMeta:
     """The metadata for a latent of a ``width`` x ``height`` image made by ``model``."""
     c = model.config
@@ -248,6 +254,7 @@ def make_meta(
         original_size=original_size,
         crop_top_left=crop_top_left,
         bucket=bucket,
+        icc_profile=_utf8(icc_profile[:256]) if icc_profile else None,
     )
 
 
@@ -431,6 +438,7 @@ def parse_meta(path: Path, metadata: dict[str, str]) -> LatentMeta:
         original_size=_pair(path, metadata, "original_size", 1) if "original_size" in metadata else None,
         crop_top_left=_pair(path, metadata, "crop_top_left", 0) if "crop_top_left" in metadata else (0, 0),
         bucket=metadata.get("bucket") == "true",
+        icc_profile=_optional(metadata, "icc_profile", 256),
     )
 
 

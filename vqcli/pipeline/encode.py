@@ -232,9 +232,10 @@ def _finish_encode(item: Item, out, redone: bool, ref: ModelRef, options: Encode
         crop_top_left=item.info.get("crop_top_left", (0, 0)),
         bucket=item.info.get("bucket", False),
         dtype=options.latent_dtype,
+        icc_profile=item.info.get("icc_profile"),
     )
     tensor, extras = split(out[0], model.config.kind, options.shape)
-    info = {k: v for k, v in item.info.items() if k in ("width", "height", "seed")}
+    info = {k: v for k, v in item.info.items() if k in ("width", "height", "seed", "note", "icc_profile")}
     if put is not None:
         return _write(job, lambda: put(job, latent_bytes(tensor, meta, extras)), redone, info)
     if options.layout != "vqcli":

@@ -74,8 +74,21 @@ def prepare_image(
     job: Job, model: AutoEncoder, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, shape: Shape = Shape()
 ) -> Item:
     """Load an image, bring it to its size and pad it to the model's factor (see ``prepare_array``)."""
-    x, info = prepare_array(load_job_image(job, max_pixels=max_pixels), model, shape, job.rel)
-    return Item(job, x, key=tuple(x.shape), model=model, info=info)
+    details: dict = {}
+    x, info = prepare_array(load_job_image(job, max_pixels=max_pixels, details=details), model, shape, job.rel)
+    return Item(job, x, key=tuple(x.shape), model=model, info={**info, **image_notes(details)})
+
+
+def image_notes(details: dict) -> dict:
+    """What a result says about how its image was read (``load_image``'s ``details``):
+    ``icc_profile`` (converted to sRGB from), and a ``note`` for people when only the first frame
+    of an animated image was used."""
+    info = {}
+    if "icc_profile" in details:
+        info["icc_profile"] = details["icc_profile"]
+    if details.get("frames", 1) > 1:
+        info["note"] = f"only the first of its {details['frames']} frames was used (an animated image)"
+    return info
 
 
 def encode_fn(kind: str, *, sample: bool, scaled: bool, seed: int | None, shape: Shape = Shape()):

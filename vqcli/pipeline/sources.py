@@ -100,11 +100,11 @@ def member_jobs(
         yield FileResult(tar.input, tar.output, FAILED, e.reason, job=tar)
 
 
-def load_job_image(job: Job, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """The image of a job: a file, or a tar member's bytes."""
+def load_job_image(job: Job, max_pixels: int | None = DEFAULT_MAX_PIXELS, details: dict | None = None) -> np.ndarray:
+    """The image of a job: a file, or a tar member's bytes (``details``: see ``load_image``)."""
     if isinstance(job, MemberJob):
-        return load_image_bytes(job.data, job.input, max_pixels=max_pixels)
-    return load_image(job.input, max_pixels=max_pixels)
+        return load_image_bytes(job.data, job.input, max_pixels=max_pixels, details=details)
+    return load_image(job.input, max_pixels=max_pixels, details=details)
 
 
 def entry_of(result: FileResult, output_dir: Path) -> Entry:
