@@ -91,3 +91,31 @@ def test_flags_are_shown_as_flags_and_every_option_has_help():
 def test_shell_completion_is_offered():
     r = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
     assert "--install-completion" in r.stdout and "--show-completion" in r.stdout
+
+
+def test_progress_lines_without_a_terminal(setup, tmp_path, monkeypatch):
+    """stderr is not a terminal under CliRunner: --progress auto gives plain lines, one per tenth
+    of the inputs (the 30 s clock set out of reach), and one per result when the clock is at 0;
+    none for --progress none."""
+    from vqcli.cli import common
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    model = str(setup["model"])
+    monkeypatch.setattr(common, "PROGRESS_SECONDS", float("inf"))
+    r = runner.invoke(app, ["encode", str(folder), "-o", str(tmp_path / "a"), "--model", model])
+    assert r.exit_code == 0, r.output
+    lines = [x for x in r.stderr.splitlines() if x.startswith("encode: ")]
+    assert [x.split(",")[0] for x in lines] == [f"encode: {k}/10 ({10 * k}%)" for k in range(1, 11)]
+    assert all("images/s" in x for x in lines)
+    monkeypatch.setattr(common, "PROGRESS_SECONDS", 0.0)
+    r = runner.invoke(app, ["decode", str(tmp_path / "a"), "-o", str(tmp_path / "b"), "--model", model])
+    assert r.exit_code == 0, r.output
+    assert len([x for x in r.stderr.splitlines() if x.startswith("decode: ")]) == 10
+    r = runner.invoke(app, ["decode", str(tmp_path / "a"), "-o", str(tmp_path / "c"), "--model", model, "--progress", "none"])
+    assert r.exit_code == 0 and "decode: " not in r.stderr
+    r = runner.invoke(app, ["encode", str(folder), "-o", str(tmp_path / "x"), "--progress", "sometimes"])
+    assert r.exit_code == 2 and "'sometimes': use auto, bar, lines, none" in r.stderr

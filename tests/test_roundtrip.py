@@ -16,6 +16,7 @@ from vqcli.checkpoints.native import save_native
 from vqcli.cli import app
 from vqcli.io.images import load_image
 from vqcli.metrics import psnr, ssim
+from vqcli.pipeline import pictures
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_images"
 
@@ -72,11 +73,20 @@ def test_roundtrip_reports_metrics_that_match_its_pictures(tmp_path, model_file)
     for name, entry in by_name.items():
         original = np.asarray(Image.open(inputs / name).convert("RGB"))
         h, w = original.shape[:2]
-        panel = np.asarray(Image.open(tmp_path / "out" / f"{name}.roundtrip.png").convert("RGB"))
-        assert panel.shape == (h, 3 * w, 3)
-        assert np.array_equal(panel[:, :w], original)
-        reconstruction = panel[:, w : 2 * w].astype(np.float64)
-        errors = panel[:, 2 * w :].astype(np.float64)
+        picture = np.asarray(Image.open(tmp_path / "out" / f"{name}.roundtrip.png").convert("RGB"))
+        top, gap = pictures.CAPTION, pictures.GAP
+        assert picture.shape == (h + 2 * top, 3 * w + 2 * gap, 3)
+        panels = [picture[top : top + h, i * (w + gap) : i * (w + gap) + w] for i in range(3)]
+        assert np.array_equal(panels[0], original)
+        reconstruction = panels[1].astype(np.float64)
+        errors = panels[2].astype(np.float64)
+        for i in (1, 2):  # panels separated by grey columns, captions included
+            assert (picture[: top + h, i * (w + gap) - gap : i * (w + gap)] == pictures.SEPARATOR).all()
+        # each panel labelled above (dark text on white), the metrics written below
+        for i in range(3):
+            caption = picture[:top, i * (w + gap) : i * (w + gap) + w]
+            assert (caption.max(axis=-1) < 100).any() and (caption == 255).all(axis=-1).any()
+        assert (picture[top + h :].max(axis=-1) < 100).any()
         expected_errors = np.clip(np.abs(original - reconstruction) * 4, 0, 255)
         assert np.abs(errors - expected_errors).max() <= 1.0
         mse = np.mean((original.astype(np.float64) - reconstruction) ** 2)
@@ -96,3 +106,24 @@ def test_roundtrip_names_a_broken_file_and_goes_on(tmp_path, model_file):
     assert "broken.png" in result.stderr and "good.png" in result.stdout
     assert (tmp_path / "out" / "good.png.roundtrip.png").exists()
     assert not (tmp_path / "out" / "broken.png.roundtrip.png").exists()
+
+
+def test_side_by_side_labels_name_each_panel_and_the_metrics():
+    """The text drawn is Pillow's default font rendering the labels and the metrics: the picture's
+    strips equal the same text drawn alone on white."""
+    from PIL import ImageDraw, ImageFont
+
+    rng = np.random.default_rng(0)
+    original = rng.integers(0, 256, (40, 120, 3), dtype=np.uint8)
+    reconstruction = np.clip(original.astype(int) + 3, 0, 255).astype(np.uint8)
+    picture = pictures.side_by_side(original, reconstruction, 31.234, 0.98765)
+    top, gap, w = pictures.CAPTION, pictures.GAP, 120
+
+    def drawn(text: str, width: int) -> np.ndarray:
+        strip = Image.new("RGB", (width, top), (255, 255, 255))
+        ImageDraw.Draw(strip).text((2, 2), text, fill=(0, 0, 0), font=ImageFont.load_default())
+        return np.asarray(strip)
+
+    for i, label in enumerate(("original", "reconstruction", "error x4")):
+        assert np.array_equal(picture[:top, i * (w + gap) : i * (w + gap) + w], drawn(label, w))
+    assert np.array_equal(picture[top + 40 :], drawn("PSNR 31.23 dB   SSIM 0.9877", 3 * w + 2 * gap))

@@ -32,6 +32,7 @@ from vqcli.cli._app import (
     print_json,
     shown,
 )
+from vqcli.errors import UsageError
 from vqcli.pipeline.results import DONE, FAILED, SKIPPED, FileResult, StopRun
 
 # --- options --------------------------------------------------------------------------------------
@@ -67,6 +68,26 @@ PresetOpt = Annotated[
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace outputs that exist (vqcli's own only).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary; failures only.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON summary object on stdout.")]
+PROGRESS_MODES = ("auto", "bar", "lines", "none")
+ProgressOpt = Annotated[
+    str,
+    typer.Option(
+        "--progress",
+        parser=lambda text: _progress_mode(text),
+        metavar="auto|bar|lines|none",
+        help="auto: a bar on a terminal, else a plain line every 30 s or 10% (logs: SLURM, nohup); "
+        "bar, lines or none.",
+    ),
+]
+
+
+def _progress_mode(text: str) -> str:
+    if text not in PROGRESS_MODES:
+        raise typer.BadParameter(f"{text!r}: use {', '.join(PROGRESS_MODES)}")
+    return text
+
+
+PROGRESS_SECONDS = 30.0  # with --progress lines: a line at least this often (as results come in)
 CompileOpt = Annotated[
     bool,
     typer.Option(
@@ -145,6 +166,15 @@ def dtype_name(dtype) -> str:
 # --- the run report -------------------------------------------------------------------------------
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 class _RateColumn(ProgressColumn):
     """Images per second over the whole run."""
 
@@ -170,19 +200,29 @@ class RunReport:
         quiet: bool = False,
         as_json: bool = False,
         extra: dict[str, Any] | None = None,
+        progress: str = "auto",
     ):
-        """``count`` gives the number of inputs; called only when a progress bar can be shown
-        (stderr is a terminal), since counting walks the inputs once more."""
+        """``count`` gives the number of inputs; called only when progress is shown, since counting
+        walks the inputs once more. ``progress``: ``auto`` (a bar when stderr is a terminal, else
+        lines), ``bar``, ``lines`` (a plain line every ``PROGRESS_SECONDS`` or 10% of the inputs)
+        or ``none``."""
+        if progress not in PROGRESS_MODES:
+            raise UsageError(f"--progress {progress!r}: use {', '.join(PROGRESS_MODES)}")
+        if progress == "auto":
+            progress = "bar" if err_console.is_terminal else "lines"
         self.command, self.verb = command, verb
         self.quiet, self.as_json = quiet, as_json
+        self.lines = progress == "lines" and not quiet
         self.extra: dict[str, Any] = dict(extra or {})
         self.counts = {DONE: 0, SKIPPED: 0, FAILED: 0}
         self.failures: list[dict[str, str]] = []
         self.fallbacks = 0
         self.interrupted = False
         self.started = time.perf_counter()
-        self.total = count() if (count is not None and not quiet and err_console.is_terminal) else None
-        show = self.total is not None and self.total > 1
+        shows = progress == "lines" or (progress == "bar" and err_console.is_terminal)
+        self.total = count() if (count is not None and not quiet and shows) else None
+        self._last_line = (self.started, 0)  # (when, how many done) at the last progress line
+        show = progress == "bar" and self.total is not None and self.total > 1
         self._progress = (
             Progress(
                 TextColumn(f"[bold]{command}"),
@@ -216,8 +256,34 @@ class RunReport:
             self.failures.append({"path": str(result.input), "reason": result.reason})
             # shown: file names may hold [brackets], escapes, newlines; soft wrap: one line, whatever the width
             err_console.print(shown(result.message), highlight=False, soft_wrap=True, style="red")
+        elif result.info.get("note") and not self.quiet:
+            err_console.print(f"{shown(result.input)}: {shown(result.info['note'])}", highlight=False, soft_wrap=True)
         if self._progress is not None:
             self._progress.advance(self._task)
+        if self.lines:
+            self._progress_line()
+
+    def _progress_line(self) -> None:
+        """A plain line, for logs: when ``PROGRESS_SECONDS`` have passed since the last one, or
+        another tenth of the inputs is done."""
+        now, handled = time.perf_counter(), sum(self.counts.values())
+        when, before = self._last_line
+        tenth = self.total is not None and self.total > 0 and handled * 10 // self.total > before * 10 // self.total
+        if not tenth and now - when < PROGRESS_SECONDS:
+            return
+        self._last_line = (now, handled)
+        elapsed = now - self.started
+        rate = self.counts[DONE] / elapsed if elapsed > 0 else 0.0
+        if self.total:
+            text = f"{self.command}: {handled}/{self.total} ({100 * handled // self.total}%)"
+            if rate > 0 and self.total > handled:
+                text += f", eta {_duration((self.total - handled) / (handled / elapsed))}"
+        else:
+            text = f"{self.command}: {handled} files"
+        text += f", {rate:.2f} images/s, {_duration(elapsed)} so far"
+        if self.counts[FAILED]:
+            text += f", {self.counts[FAILED]} failed"
+        err_console.print(text, highlight=False, markup=False, soft_wrap=True)
 
     @property
     def seconds(self) -> float:

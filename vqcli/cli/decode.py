@@ -20,8 +20,9 @@ from vqcli.cli.common import (
     OptionalModelOpt,
     OverwriteOpt,
     PresetOpt,
-    SubfolderOpt,
+    ProgressOpt,
     QuietOpt,
+    SubfolderOpt,
     dtype_name,
     epilog,
     help_text,
@@ -82,6 +83,7 @@ def decode(
     manifest: ManifestOpt = None,
     from_manifest: FromManifestOpt = None,
     quiet: QuietOpt = False,
+    progress: ProgressOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     from vqcli.checkpoints.load import resolve_model
@@ -126,6 +128,7 @@ def decode(
         verb="decoded",
         count=lambda: count_selected(source, selection, block_size(batch_size)),
         quiet=quiet,
+        progress=progress,
         as_json=as_json,
         extra=extra,
     )

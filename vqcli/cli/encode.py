@@ -20,8 +20,9 @@ from vqcli.cli.common import (
     ModelOpt,
     OverwriteOpt,
     PresetOpt,
-    SubfolderOpt,
+    ProgressOpt,
     QuietOpt,
+    SubfolderOpt,
     dtype_name,
     epilog,
     help_text,
@@ -114,6 +115,7 @@ def encode(
     manifest: ManifestOpt = None,
     from_manifest: FromManifestOpt = None,
     quiet: QuietOpt = False,
+    progress: ProgressOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     from vqcli.checkpoints.load import model_ref, resolve_model
@@ -170,6 +172,7 @@ def encode(
         verb="encoded",
         count=lambda: count_selected(source, selection, size),
         quiet=quiet,
+        progress=progress,
         as_json=as_json,
         extra=extra,
     )

@@ -72,8 +72,8 @@ def features(
     from vqcli.checkpoints.load import model_ref, resolve_model
     from vqcli.errors import FileError
     from vqcli.io.images import load_image
-    from vqcli.pipeline.batching import NON_FINITE, finite
     from vqcli.io.ownership import check_replaceable
+    from vqcli.pipeline.batching import NON_FINITE, finite
     from vqcli.pipeline.features import (
         extract_features,
         layer_grid,

@@ -18,6 +18,7 @@ from vqcli.cli.common import (
     ModelOpt,
     OverwriteOpt,
     PresetOpt,
+    ProgressOpt,
     QuietOpt,
     dtype_name,
     epilog,
@@ -65,6 +66,7 @@ def roundtrip(
     manifest: ManifestOpt = None,
     from_manifest: FromManifestOpt = None,
     quiet: QuietOpt = False,
+    progress: ProgressOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     from vqcli.checkpoints.load import model_ref, resolve_model
@@ -87,6 +89,7 @@ def roundtrip(
         verb="round-tripped",
         count=lambda: count_selected(source, selection, 1),
         quiet=quiet,
+        progress=progress,
         as_json=as_json,
         extra={
             "output": str(output),

@@ -1,8 +1,8 @@
 """Encode and decode in one go, and measure what came back.
 
 For each image: PSNR and SSIM of the reconstruction against the original (both as 8-bit RGB, the
-way a user sees them), and a side-by-side PNG: original | reconstruction | error map (absolute
-difference amplified 4x). Prints nothing; yields one ``FileResult`` per image with the metrics in
+way a user sees them), and a labelled side-by-side PNG: original | reconstruction | error map (absolute
+difference amplified 4x), with PSNR and SSIM (``vqcli.pipeline.pictures``). Prints nothing; yields one ``FileResult`` per image with the metrics in
 its ``info``.
 """
 
@@ -16,18 +16,19 @@ import torch
 
 from vqcli.errors import FileError
 from vqcli.io.images import DEFAULT_MAX_PIXELS, save_image, to_uint8, written_by_vqcli
-from vqcli.metrics import error_map, psnr, ssim
+from vqcli.metrics import psnr, ssim
 from vqcli.model.autoencoder import AutoEncoder
 from vqcli.pipeline.batching import each_job
 from vqcli.pipeline.decode import decode_array
 from vqcli.pipeline.encode import encode_array
+from vqcli.pipeline.encode_image import image_notes
+from vqcli.pipeline.pictures import side_by_side
 from vqcli.pipeline.results import DONE, FileResult, Job
 from vqcli.pipeline.selection import Selection, image_source, select_jobs
 from vqcli.pipeline.sources import expand_tars, load_job_image
 from vqcli.speed.budget import default_budget
 
 SUFFIX = ".roundtrip.png"
-ERROR_GAIN = 4.0
 
 
 def roundtrip_name(image_name: str) -> str:
@@ -41,12 +42,6 @@ def roundtrip_image(
     """The reconstruction of one (H, W, 3) [0, 1] image, as uint8 (``budget``: as ``encode_array``'s)."""
     latent = encode_array(model, rgb, dtype=dtype, budget=budget)
     return to_uint8(decode_array(model, latent, rgb.shape[0], rgb.shape[1], dtype=dtype, budget=budget))
-
-
-def side_by_side(original: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
-    """original | reconstruction | amplified error, uint8 (H, 3W, 3)."""
-    errors = to_uint8(error_map(original / 255.0, reconstruction / 255.0, gain=ERROR_GAIN))
-    return np.concatenate([original, reconstruction, errors], axis=1)
 
 
 def roundtrip_files(
@@ -75,17 +70,19 @@ def roundtrip_files(
 def _one(
     job: Job, model: AutoEncoder, dtype: torch.dtype, overwrite: bool, max_pixels: int | None, budget: int
 ) -> FileResult:
-    rgb = load_job_image(job, max_pixels=max_pixels)
+    details: dict = {}
+    rgb = load_job_image(job, max_pixels=max_pixels, details=details)
     original = to_uint8(rgb)
     try:
         reconstruction = roundtrip_image(model, rgb, dtype=dtype, budget=budget)
     except ValueError as e:  # NaN or infinite values on the way (see encode_array, decode_array)
         raise FileError(job.input, str(e)) from None
-    save_image(side_by_side(original, reconstruction), job.output, overwrite=overwrite)
     info = {
         "width": int(rgb.shape[1]),
         "height": int(rgb.shape[0]),
         "psnr": psnr(original.astype(np.float64), reconstruction.astype(np.float64), data_range=255.0),
         "ssim": ssim(original.astype(np.float64), reconstruction.astype(np.float64), data_range=255.0),
+        **image_notes(details),
     }
+    save_image(side_by_side(original, reconstruction, info["psnr"], info["ssim"]), job.output, overwrite=overwrite)
     return FileResult(job.input, job.output, DONE, info=info, job=job)
