@@ -44,6 +44,7 @@ def test_every_json_object_has_command_and_ok(setup):
         "roundtrip": ["roundtrip", images, "-o", str(d / "rt"), "--model", model],
         "features": ["features", str(setup["images"] / "a.png"), "-o", str(d / "feat"), "--model", model],
         "info": ["info", model],
+        "stats": ["stats", str(d / "lat")],
         "models": ["models"],
         "convert": ["convert", model, "-o", str(d / "conv.safetensors")],
         "train": ["train", images, "-o", str(d / "trained.safetensors"), *TINY_TRAIN],
