@@ -120,3 +120,26 @@ def test_progress_lines_without_a_terminal(setup, tmp_path, monkeypatch):
     assert r.exit_code == 0 and "decode: " not in r.stderr
     r = runner.invoke(app, ["encode", str(folder), "-o", str(tmp_path / "x"), "--progress", "sometimes"])
     assert r.exit_code == 2 and "'sometimes': use auto, bar, lines, none" in r.stderr
+
+
+def test_a_folder_where_nothing_matched_says_what_it_left_out(setup, tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for name in ("notes.txt", "scan.xyz", "README"):
+        (folder / name).write_text("not an image")
+    model = str(setup["model"])
+    r = runner.invoke(app, ["encode", str(folder), "-o", str(tmp_path / "out"), "--model", model])
+    assert r.exit_code == 1
+    assert r.stderr.splitlines() == [
+        f"{folder / 'README'}: left out: no extension is not the name of an image or a tar shard",
+        f"{folder / 'notes.txt'}: left out: .txt is not the name of an image or a tar shard",
+        f"{folder / 'scan.xyz'}: left out: .xyz is not the name of an image or a tar shard",
+    ]
+    assert "nothing to do: no input files found (3 files left out for their names)" in r.stdout
+    r = runner.invoke(app, ["decode", str(folder), "-o", str(tmp_path / "rec"), "--model", model, "--json"])
+    assert r.exit_code == 1
+    obj = json.loads(r.stdout)
+    assert obj["ok"] is False and obj["total"] == 0 and obj["left_out"] == 3
+    (tmp_path / "empty").mkdir()
+    r = runner.invoke(app, ["encode", str(tmp_path / "empty"), "-o", str(tmp_path / "out"), "--model", model])
+    assert r.exit_code == 0 and "nothing to do: no input files found\n" == r.stdout  # (an empty folder)

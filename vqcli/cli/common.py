@@ -166,6 +166,24 @@ def dtype_name(dtype) -> str:
 # --- the run report -------------------------------------------------------------------------------
 
 
+def left_out_of(inputs, output, what: str, *, latents: bool = False):
+    """``RunReport``'s ``left_out`` for a run over ``inputs`` (None when none were named): the files
+    of the folders named whose names are not those of ``what``."""
+    if not inputs:
+        return None
+
+    def left_out() -> tuple[list[str], int]:
+        from vqcli.io.images import is_image_path
+        from vqcli.io.tarfiles import is_tar_path
+        from vqcli.pipeline.jobs import is_latent_path, not_taken
+
+        accept = is_latent_path if latents else (lambda name: is_image_path(name) or is_tar_path(name))
+        found, count = not_taken(inputs, accept, exclude=output)
+        return [f"{p}: left out: {p.suffix or 'no extension'} is not the name of {what}" for p in found], count
+
+    return left_out
+
+
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     if seconds < 60:
@@ -201,11 +219,15 @@ class RunReport:
         as_json: bool = False,
         extra: dict[str, Any] | None = None,
         progress: str = "auto",
+        left_out: Callable[[], tuple[list[str], int]] | None = None,
     ):
         """``count`` gives the number of inputs; called only when progress is shown, since counting
         walks the inputs once more. ``progress``: ``auto`` (a bar when stderr is a terminal, else
         lines), ``bar``, ``lines`` (a plain line every ``PROGRESS_SECONDS`` or 10% of the inputs)
-        or ``none``."""
+        or ``none``. ``left_out`` gives, when nothing was found to do, the files of the folders
+        named that were left out (``path: why`` lines, the first few, and how many in all); when
+        there are some the run fails (exit 1): the user named files that gave nothing (an empty
+        folder is only nothing to do)."""
         if progress not in PROGRESS_MODES:
             raise UsageError(f"--progress {progress!r}: use {', '.join(PROGRESS_MODES)}")
         if progress == "auto":
@@ -213,6 +235,8 @@ class RunReport:
         self.command, self.verb = command, verb
         self.quiet, self.as_json = quiet, as_json
         self.lines = progress == "lines" and not quiet
+        self.left_out = left_out
+        self.found_nothing = False
         self.extra: dict[str, Any] = dict(extra or {})
         self.counts = {DONE: 0, SKIPPED: 0, FAILED: 0}
         self.failures: list[dict[str, str]] = []
@@ -309,11 +333,21 @@ class RunReport:
     def exit_code(self) -> int:
         if self.interrupted:
             return EXIT_INTERRUPTED
+        if self.found_nothing:
+            return EXIT_SOME_FAILED
         return EXIT_SOME_FAILED if self.counts[FAILED] else EXIT_OK
 
     def finish(self) -> int:
         """Print the summary (JSON on stdout, or one line for people) and return the exit code."""
         s = self.summary()
+        if s["total"] == 0 and self.left_out is not None and not self.interrupted:
+            lines, count = self.left_out()
+            self.found_nothing = count > 0
+            for line in lines:
+                err_console.print(shown(line), highlight=False, soft_wrap=True, style="red")
+            if count > len(lines):
+                err_console.print(f"... and {count - len(lines)} more files left out", highlight=False)
+            s["left_out"] = count
         if self.as_json:
             print_json(self.command, self.exit_code() == EXIT_OK, {k: v for k, v in s.items() if k != "command"})
         elif not self.quiet:
@@ -331,6 +365,8 @@ class RunReport:
                 text = "interrupted: " + text
             if s["total"] == 0:
                 text = "nothing to do: no input files found"
+                if self.found_nothing:
+                    text += f" ({s['left_out']} files left out for their names)"
             out_console.print(text, highlight=False, soft_wrap=True)
         return self.exit_code()
 

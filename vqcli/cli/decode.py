@@ -26,6 +26,7 @@ from vqcli.cli.common import (
     dtype_name,
     epilog,
     help_text,
+    left_out_of,
     parse_max_memory,
     settle_dtype,
     setup_device,
@@ -129,6 +130,7 @@ def decode(
         count=lambda: count_selected(source, selection, block_size(batch_size)),
         quiet=quiet,
         progress=progress,
+        left_out=None if (from_manifest or shard or scale.ctx.active) else left_out_of(inputs, output, 'a latent file (.safetensors)', latents=True),
         as_json=as_json,
         extra=extra,
     )

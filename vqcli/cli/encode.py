@@ -26,6 +26,7 @@ from vqcli.cli.common import (
     dtype_name,
     epilog,
     help_text,
+    left_out_of,
     parse_max_memory,
     settle_dtype,
     setup_device,
@@ -173,6 +174,7 @@ def encode(
         count=lambda: count_selected(source, selection, size),
         quiet=quiet,
         progress=progress,
+        left_out=None if (from_manifest or shard or scale.ctx.active) else left_out_of(inputs, output, 'an image or a tar shard'),
         as_json=as_json,
         extra=extra,
     )

@@ -23,6 +23,7 @@ from vqcli.cli.common import (
     dtype_name,
     epilog,
     help_text,
+    left_out_of,
     settle_dtype,
     setup_device,
 )
@@ -90,6 +91,7 @@ def roundtrip(
         count=lambda: count_selected(source, selection, 1),
         quiet=quiet,
         progress=progress,
+        left_out=None if (from_manifest or shard or scale.ctx.active) else left_out_of(inputs, output, 'an image or a tar shard'),
         as_json=as_json,
         extra={
             "output": str(output),

@@ -180,6 +180,27 @@ class Claims:
         return None
 
 
+def not_taken(
+    paths: Sequence[Path], accept: Callable[[str], bool], *, exclude: Path | None = None, limit: int = 10
+) -> tuple[list[Path], int]:
+    """The files in the folders of ``paths`` that a walk leaves out because ``accept`` refuses
+    their name: the first ``limit`` of them, and how many there are in all (for saying why a run
+    found nothing to do)."""
+    found: list[Path] = []
+    count = 0
+    for path in paths:
+        path = Path(path)
+        if not path.is_dir():
+            continue
+        for item in walk([path], lambda name: True, exclude=exclude):
+            if isinstance(item, FileResult) or accept(item[0].name):
+                continue
+            count += 1
+            if len(found) < limit:
+                found.append(item[0])
+    return found, count
+
+
 def find_jobs(
     paths: Sequence[Path],
     output_dir: Path,
