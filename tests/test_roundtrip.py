@@ -127,3 +127,49 @@ def test_side_by_side_labels_name_each_panel_and_the_metrics():
     for i, label in enumerate(("original", "reconstruction", "error x4")):
         assert np.array_equal(picture[:top, i * (w + gap) : i * (w + gap) + w], drawn(label, w))
     assert np.array_equal(picture[top + 40 :], drawn("PSNR 31.23 dB   SSIM 0.9877", 3 * w + 2 * gap))
+
+
+def test_gallery_links_every_picture_relatively_and_sorts(tmp_path, model_file):
+    """index.html in the output folder: a row and a figure per image, every picture linked by a
+    relative path that exists (so the folder can move), PSNR and SSIM as the JSON says."""
+    import html.parser
+    import shutil
+    from urllib.parse import unquote
+
+    inputs = tmp_path / "in"
+    (inputs / "sub dir").mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    for name, (h, w) in {"a.png": (20, 24), "sub dir/b #1.png": (16, 16)}.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(inputs / name)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["roundtrip", str(inputs), "-o", str(out), "--model", str(model_file), "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    moved = shutil.move(str(out), str(tmp_path / "elsewhere"))  # (relative links: it opens from anywhere)
+
+    class Page(html.parser.HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.images, self.cells = [], []
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "img":
+                self.images.append(a["src"])
+            if tag == "td" and "data-v" in a:
+                self.cells.append(float(a["data-v"]))
+
+    page = Page()
+    page.feed((Path(moved) / "index.html").read_text(encoding="utf-8"))
+    assert page.images and all(not src.startswith(("/", "http", "file:")) for src in page.images)
+    assert {unquote(src) for src in page.images} == {"a.png.roundtrip.png", "sub dir/b #1.png.roundtrip.png"}
+    for src in page.images:
+        assert (Path(moved) / unquote(src)).is_file()
+    expected = [v for i in summary["images"] for v in (i["psnr"], i["ssim"])]
+    assert page.cells == pytest.approx(expected, abs=1e-4)
+    # a file of someone else's named index.html is kept
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "index.html").write_text("mine")
+    r = CliRunner().invoke(app, ["roundtrip", str(inputs / "a.png"), "-o", str(tmp_path / "other"), "--model", str(model_file)])
+    assert r.exit_code == 0 and (tmp_path / "other" / "index.html").read_text() == "mine"
+    assert "not written, a file of someone else's is there" in r.stderr

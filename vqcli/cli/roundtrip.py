@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from vqcli.cli._app import app, handle_errors, out_console, shown
+from vqcli.cli._app import app, err_console, handle_errors, out_console, shown
 from vqcli.cli.common import (
     DeviceOpt,
     DtypeOpt,
@@ -68,6 +68,7 @@ def roundtrip(
     from_manifest: FromManifestOpt = None,
     quiet: QuietOpt = False,
     progress: ProgressOpt = "auto",
+    gallery: Annotated[bool, typer.Option("--gallery/--no-gallery", help="Write OUTPUT/index.html: every picture, PSNR and SSIM, sortable, original or reconstruction alone.")] = True,
     as_json: JsonOpt = False,
 ) -> None:
     from vqcli.checkpoints.load import model_ref, resolve_model
@@ -106,7 +107,10 @@ def roundtrip(
     def measured(results):
         for r in results:
             if r.status == DONE:
-                images.append({"path": str(r.input), "psnr": _round(r.info["psnr"]), "ssim": round(r.info["ssim"], 4)})
+                images.append({
+                    "path": str(r.input), "psnr": _round(r.info["psnr"]), "ssim": round(r.info["ssim"], 4),
+                    "picture": str(r.output), "width": r.info["width"], "height": r.info["height"],
+                })
                 _mean(images, mean)
             yield r
 
@@ -120,8 +124,24 @@ def roundtrip(
     try:
         run(report, measured(results), scale, gather=lambda: list(images), combine=combine)
     finally:
+        if images and gallery and scale.main:
+            _gallery(output, images, quiet)
         if images and not as_json and not quiet and scale.main:
             out_console.print(_table(images, mean))
+
+
+def _gallery(output: Path, images: list[dict], quiet: bool) -> None:
+    from vqcli.pipeline.gallery import write_gallery
+
+    try:
+        written = write_gallery(output, images)
+    except OSError as e:
+        err_console.print(shown(f"{output / 'index.html'}: cannot write the gallery ({e.strerror or e})"), style="red")
+        return
+    if written is None:
+        err_console.print(shown(f"{output / 'index.html'}: not written, a file of someone else's is there"), style="red", soft_wrap=True, highlight=False)
+    elif not quiet:
+        err_console.print(f"gallery: {shown(written)}", highlight=False, soft_wrap=True)
 
 
 def _mean(images: list[dict], mean: dict) -> None:

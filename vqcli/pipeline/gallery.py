@@ -1,0 +1,115 @@
+"""One self-contained ``index.html`` for a roundtrip's output folder: every image's labelled
+side-by-side picture, its PSNR and SSIM, a table sortable by either, and a toggle that shows the
+original or the reconstruction alone, full size.
+
+The page links the pictures by paths relative to itself (no absolute path, no network, no
+script from elsewhere), so the folder can be moved, copied or served as it is.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+from pathlib import Path
+from urllib.parse import quote
+
+from vqcli.io.atomic import atomic_path
+from vqcli.pipeline.pictures import CAPTION, GAP
+
+GENERATOR = '<meta name="generator" content="vqcli gallery">'
+NAME = "index.html"
+
+_STYLE = """
+body { font-family: sans-serif; margin: 1em; }
+table { border-collapse: collapse; margin-bottom: 1em; }
+th, td { padding: 2px 8px; text-align: right; border-bottom: 1px solid #ddd; }
+th { cursor: pointer; background: #eee; } td:first-child, th:first-child { text-align: left; }
+figure { margin: 1em 0; } figcaption { font-weight: bold; }
+.view { overflow: hidden; display: none; } body.single .view { display: block; }
+body.single .both { display: none; }
+"""
+
+_SCRIPT = """
+function sortBy(col) {
+  const body = document.querySelector('#scores tbody');
+  const rows = Array.from(body.rows);
+  const dir = body.dataset.col == col && body.dataset.dir == 'down' ? 1 : -1;
+  rows.sort((a, b) => dir * (parseFloat(a.cells[col].dataset.v) - parseFloat(b.cells[col].dataset.v)));
+  rows.forEach(r => body.appendChild(r));
+  const figures = document.getElementById('figures');
+  rows.forEach(r => figures.appendChild(document.getElementById(r.dataset.fig)));
+  body.dataset.col = col; body.dataset.dir = dir == -1 ? 'down' : 'up';
+}
+function show(which) {
+  document.body.classList.toggle('single', which != 'both');
+  document.querySelectorAll('.view img').forEach(img => {
+    img.style.marginLeft = which == 'reconstruction' ? '-' + img.dataset.shift + 'px' : '0px';
+  });
+}
+"""
+
+
+def is_ours(path: Path) -> bool:
+    """True when ``path`` is a gallery vqcli wrote (its ``generator`` tag)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return GENERATOR in f.read(4096)
+    except OSError:
+        return False
+
+
+def gallery_html(rows: list[dict], folder: Path, title: str = "vqcli roundtrip") -> str:
+    """The page for ``rows`` (each: ``path`` the input, ``picture`` the side-by-side file,
+    ``width``, ``height``, ``psnr``, ``ssim``), to be written in ``folder``."""
+    table, figures = [], []
+    for i, row in enumerate(rows):
+        name = html.escape(str(row["path"]))
+        src = html.escape(quote(Path(os.path.relpath(row["picture"], folder)).as_posix()))
+        psnr = row["psnr"]
+        width, height = row["width"], row["height"]
+        table.append(
+            f'<tr data-fig="f{i}"><td><a href="#f{i}">{name}</a></td>'
+            f'<td data-v="{_number(psnr)}">{_text(psnr, 2)}</td><td data-v="{row["ssim"]:.6f}">{row["ssim"]:.4f}</td></tr>'
+        )
+        figures.append(
+            f'<figure id="f{i}"><figcaption>{name}: PSNR {_text(psnr, 2)} dB, SSIM {row["ssim"]:.4f}</figcaption>'
+            f'<img class="both" src="{src}" alt="{name}" loading="lazy">'
+            f'<div class="view" style="width:{width}px;height:{height}px">'
+            f'<img src="{src}" alt="{name}" data-shift="{width + GAP}" style="margin-top:-{CAPTION}px"></div></figure>'
+        )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">{GENERATOR}
+<title>{html.escape(title)}</title><style>{_STYLE}</style><script>{_SCRIPT}</script></head>
+<body><h1>{html.escape(title)}</h1>
+<p>Show: <label><input type="radio" name="show" checked onclick="show('both')"> side by side</label>
+<label><input type="radio" name="show" onclick="show('original')"> original</label>
+<label><input type="radio" name="show" onclick="show('reconstruction')"> reconstruction</label></p>
+<table id="scores"><thead><tr><th>image</th><th onclick="sortBy(1)">PSNR (dB) &#x21C5;</th>
+<th onclick="sortBy(2)">SSIM &#x21C5;</th></tr></thead><tbody>
+{chr(10).join(table)}
+</tbody></table>
+<div id="figures">
+{chr(10).join(figures)}
+</div></body></html>
+"""
+
+
+def write_gallery(folder: Path, rows: list[dict], title: str = "vqcli roundtrip") -> Path | None:
+    """Write ``folder/index.html`` (replacing only a gallery of vqcli's); None when a file of
+    someone else's is there."""
+    path = Path(folder) / NAME
+    exists = os.path.lexists(path)
+    if exists and not is_ours(path):
+        return None
+    with atomic_path(path, overwrite=exists) as tmp:
+        Path(tmp).write_text(gallery_html(rows, Path(folder), title), encoding="utf-8")
+    return path
+
+
+def _number(value: float) -> str:
+    return "1e9" if math.isinf(value) else f"{value:.6f}"
+
+
+def _text(value: float, digits: int) -> str:
+    return "inf" if math.isinf(value) else f"{value:.{digits}f}"
