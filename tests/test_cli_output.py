@@ -97,7 +97,7 @@ def test_shell_completion_is_offered():
 def test_progress_lines_without_a_terminal(setup, tmp_path, monkeypatch):
     """stderr is not a terminal under CliRunner: --progress auto gives plain lines, one per tenth
     of the inputs (the 30 s clock set out of reach), and one per result when the clock is at 0;
-    none for --progress none."""
+    none for --progress none, nor before the run is PROGRESS_AFTER old."""
     from vqcli.cli import common
 
     folder = tmp_path / "many"
@@ -106,6 +106,7 @@ def test_progress_lines_without_a_terminal(setup, tmp_path, monkeypatch):
     for i in range(10):
         Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
     model = str(setup["model"])
+    monkeypatch.setattr(common, "PROGRESS_AFTER", 0.0)  # (lines start once a run is 30 s old)
     monkeypatch.setattr(common, "PROGRESS_SECONDS", float("inf"))
     r = runner.invoke(app, ["encode", str(folder), "-o", str(tmp_path / "a"), "--model", model])
     assert r.exit_code == 0, r.output
@@ -117,6 +118,9 @@ def test_progress_lines_without_a_terminal(setup, tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert len([x for x in r.stderr.splitlines() if x.startswith("decode: ")]) == 10
     r = runner.invoke(app, ["decode", str(tmp_path / "a"), "-o", str(tmp_path / "c"), "--model", model, "--progress", "none"])
+    assert r.exit_code == 0 and "decode: " not in r.stderr
+    monkeypatch.setattr(common, "PROGRESS_AFTER", 3600.0)  # a run younger than that: its summary only
+    r = runner.invoke(app, ["decode", str(tmp_path / "a"), "-o", str(tmp_path / "d"), "--model", model])
     assert r.exit_code == 0 and "decode: " not in r.stderr
     r = runner.invoke(app, ["encode", str(folder), "-o", str(tmp_path / "x"), "--progress", "sometimes"])
     assert r.exit_code == 2 and "'sometimes': use auto, bar, lines, none" in r.stderr

@@ -75,7 +75,7 @@ ProgressOpt = Annotated[
         "--progress",
         parser=lambda text: _progress_mode(text),
         metavar="auto|bar|lines|none",
-        help="auto: a bar on a terminal, else a plain line every 30 s or 10% (logs: SLURM, nohup); "
+        help="auto: a bar on a terminal; else, once a run is 30 s old, a plain line every 30 s or 10% (logs: SLURM, nohup); "
         "bar, lines or none.",
     ),
 ]
@@ -88,6 +88,7 @@ def _progress_mode(text: str) -> str:
 
 
 PROGRESS_SECONDS = 30.0  # with --progress lines: a line at least this often (as results come in)
+PROGRESS_AFTER = 30.0  # ... once the run is this old: a short run's log has its summary only
 CompileOpt = Annotated[
     bool,
     typer.Option(
@@ -288,9 +289,11 @@ class RunReport:
             self._progress_line()
 
     def _progress_line(self) -> None:
-        """A plain line, for logs: when ``PROGRESS_SECONDS`` have passed since the last one, or
-        another tenth of the inputs is done."""
+        """A plain line, for logs, once the run is ``PROGRESS_AFTER`` seconds old: when
+        ``PROGRESS_SECONDS`` have passed since the last one, or another tenth of the inputs is done."""
         now, handled = time.perf_counter(), sum(self.counts.values())
+        if now - self.started < PROGRESS_AFTER:
+            return
         when, before = self._last_line
         tenth = self.total is not None and self.total > 0 and handled * 10 // self.total > before * 10 // self.total
         if not tenth and now - when < PROGRESS_SECONDS:
