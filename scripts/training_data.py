@@ -192,7 +192,8 @@ def licence_for(copyright_text: str, source: str, package: str) -> tuple[str, st
         for patterns, holders, licence in parse_image_authors(copyright_text):
             if any(matches(p) or matches(p + "*") for p in patterns):
                 return licence, holders
-        if "GNU General Public License" in copyright_text and "version 2" in copyright_text:
+        flat = " ".join(copyright_text.split())
+        if "GNU General Public License" in flat and "version 2" in flat:
             return "GPL-2+ (the package's licence; file not listed separately)", f"{package} upstream authors"
     raise DataError(f"{package}: {source}: no licence found in the package's copyright file")
 
