@@ -11,6 +11,13 @@ an exponential moving average of the weights, which is what gets saved. Everythi
 from one seeded ``torch.Generator``, so a run is reproducible and a resumed run continues the same
 sequence. Checkpoints are written atomically and read back with ``torch.load(weights_only=True)``.
 
+On a GPU the images are decoded once and kept on the device as 8-bit values, and crops, rescales
+and colour changes run there; the step never waits for the device except every ``report_every``
+steps (loss and PSNR are read back then), so the host queues the next batch while the device
+computes. ``max_minutes`` bounds a run by wall-clock time: the cosine schedule then follows the
+elapsed share of that time (or of the steps, whichever is further), and at the limit the run ends
+as at its last step, with the EMA weights and their latent scale and shift.
+
 This module prints nothing: it reports through the ``on_progress`` callback.
 """
 
@@ -69,6 +76,8 @@ class TrainOptions:
     bf16: bool = False  # bfloat16 autocast for the forward pass
     checkpoint_every: int = 250  # steps between resumable checkpoints
     val_every: int = 500  # steps between validation PSNR measurements (with --val)
+    max_minutes: float | None = None  # wall-clock limit of a run; the schedule follows the time used
+    report_every: int = 1  # steps between read-backs of loss and PSNR (each waits for the device)
 
 
 @dataclass
@@ -86,18 +95,26 @@ class Progress:
 
 
 class ImageBank:
-    """The training images, decoded once and kept in memory as float32 (3, H, W) in [0, 1]."""
+    """The training images, decoded once and kept as 8-bit (3, H, W) tensors on ``device``; crops
+    are made there. ``max_side`` shrinks larger images (antialiased) when they are read."""
 
     COLOUR_SHARE = 0.6  # of the crops, when there are both colour and greyscale images
 
-    def __init__(self, paths: Sequence[Path]):
+    def __init__(self, paths: Sequence[Path], *, device: torch.device | None = None, max_side: int | None = None):
         self.images: list[torch.Tensor] = []
+        grey = []
         for path in paths:
-            rgb = load_image(path)
-            self.images.append(torch.from_numpy(rgb).permute(2, 0, 1).contiguous())
+            image = torch.from_numpy(load_image(path)).permute(2, 0, 1)
+            if max_side is not None and max(image.shape[1:]) > max_side:
+                ratio = max_side / max(image.shape[1:])
+                size = (max(1, round(image.shape[1] * ratio)), max(1, round(image.shape[2] * ratio)))
+                image = F.interpolate(image[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
+            image = (image.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).contiguous()
+            grey.append(bool(torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])))
+            self.images.append(image if device is None else image.to(device))
         if not self.images:
             raise UsageError("no training images found")
-        self.grey = torch.tensor([bool(torch.equal(im[0], im[1]) and torch.equal(im[1], im[2])) for im in self.images])
+        self.grey = torch.tensor(grey, dtype=torch.bool)
         # Every image of a group equally likely, whatever its size: one large photograph must not
         # drown the others.
         weights = torch.zeros(len(self.images), dtype=torch.float64)
@@ -107,8 +124,8 @@ class ImageBank:
         self.weights = weights / weights.sum()
 
     def batch(self, n: int, crop: int, min_scale: float, gen: torch.Generator) -> torch.Tensor:
-        """n random augmented crops, (n, 3, crop, crop) in [-1, 1]."""
-        out = torch.empty(n, 3, crop, crop)
+        """n random augmented crops, (n, 3, crop, crop) in [-1, 1], on the images' device."""
+        out = torch.empty(n, 3, crop, crop, device=self.images[0].device)
         picks = torch.multinomial(self.weights, n, replacement=True, generator=gen)
         for i, k in enumerate(picks.tolist()):
             out[i] = self._augment(self._crop(self.images[k], crop, min_scale, gen), bool(self.grey[k]), gen)
@@ -123,7 +140,7 @@ class ImageBank:
         region = min(smallest, crop if max_region <= crop else int(torch.randint(crop, max_region + 1, (1,), generator=gen)))
         top = int(torch.randint(0, height - region + 1, (1,), generator=gen))
         left = int(torch.randint(0, width - region + 1, (1,), generator=gen))
-        patch = image[:, top : top + region, left : left + region].unsqueeze(0)
+        patch = image[:, top : top + region, left : left + region].unsqueeze(0).float() / 255.0
         if region != crop:
             patch = F.interpolate(patch, size=(crop, crop), mode="bilinear", antialias=True, align_corners=False)
         return patch[0]
@@ -133,27 +150,29 @@ class ImageBank:
         def chance(p: float) -> bool:
             return bool(torch.rand((), generator=gen) < p)
 
+        device = patch.device
         if chance(0.5):
             patch = patch.flip(-1)
         patch = torch.rot90(patch, int(torch.randint(0, 4, (1,), generator=gen)), dims=(1, 2))
         if grey:
             if chance(0.7):  # colourise: a different random tone curve per channel
-                gammas = torch.exp((torch.rand(3, 1, 1, generator=gen) - 0.5) * 1.4)
+                gammas = torch.exp((torch.rand(3, 1, 1, generator=gen) - 0.5) * 1.4).to(device)
                 patch = patch.clamp(0.0, 1.0) ** gammas
         else:
             if chance(0.5):
-                patch = patch[torch.randperm(3, generator=gen)]
+                patch = patch[torch.randperm(3, generator=gen).to(device)]
             saturation = 0.6 + 0.8 * float(torch.rand((), generator=gen))
             luma = patch.mean(dim=0, keepdim=True)
             patch = luma + saturation * (patch - luma)
         return patch
 
 
-def learning_rate(step: int, opts: TrainOptions) -> float:
-    """Linear warm-up to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at the last step."""
+def learning_rate(step: int, opts: TrainOptions, time_used: float = 0.0) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at the last step, or
+    when ``time_used`` (the share of ``max_minutes`` spent) reaches 1, whichever comes first."""
     if step < opts.warmup:
         return opts.lr * (step + 1) / opts.warmup
-    progress = (step - opts.warmup) / max(1, opts.steps - opts.warmup)
+    progress = max((step - opts.warmup) / max(1, opts.steps - opts.warmup), time_used)
     floor = opts.lr * opts.min_lr_ratio
     return floor + (opts.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -207,10 +226,13 @@ class Trainer:
         torch.manual_seed(opts.seed)  # parameter initialisation
         self.model = AutoEncoder(config).to(device).train()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(_param_groups(self.model, opts.weight_decay), lr=opts.lr, betas=(0.9, 0.99))
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(self.model, opts.weight_decay), lr=opts.lr, betas=(0.9, 0.99), fused=device.type == "cuda" or None
+        )
         self.step = 0
-        self.last_used = torch.zeros(config.n_embed, dtype=torch.long) if config.kind == "vq" else None
+        self.last_used = torch.zeros(config.n_embed, dtype=torch.long, device=device) if config.kind == "vq" else None
         self.codebook_ready = config.kind != "vq"
+        self.reported: dict = {"loss": math.nan, "psnr": math.nan, "codes_used": None}  # the last values read back
 
     # --- checkpoints --------------------------------------------------------------------------
     def state(self) -> dict:
@@ -240,6 +262,7 @@ class Trainer:
         steps: int | None = None,
         crop: int | None = None,
         batch_size: int | None = None,
+        max_minutes: float | None = None,
     ) -> "Trainer":
         """Continue from a checkpoint, optionally with a new total of steps or new crops (for
         example larger crops late in training); None keeps what the checkpoint says."""
@@ -251,7 +274,7 @@ class Trainer:
             raise FileError(path, "not a vqcli training checkpoint")
         config = AutoEncoderConfig.from_dict(json.loads(state["config"]))
         opts = TrainOptions(**json.loads(state["options"]))
-        changes = dict(steps=steps, crop=crop, batch_size=batch_size)
+        changes = dict(steps=steps, crop=crop, batch_size=batch_size, max_minutes=max_minutes)
         opts = dataclasses.replace(opts, **{k: v for k, v in changes.items() if v is not None})
         trainer = cls(config, opts, device)
         trainer.model.load_state_dict(state["model"])
@@ -259,7 +282,7 @@ class Trainer:
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.gen.set_state(state["generator"])
         trainer.step = int(state["step"])
-        trainer.last_used = state["last_used"]
+        trainer.last_used = state["last_used"].to(device) if state["last_used"] is not None else None
         trainer.codebook_ready = bool(state["codebook_ready"])
         return trainer
 
@@ -270,21 +293,24 @@ class Trainer:
             h = self.model.encode_moments(x).float()
             vectors = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
             weight = self.model.quantize.embedding.weight
-            rows = torch.arange(weight.shape[0]) if dead is None else dead.nonzero().flatten()
+            rows = torch.arange(weight.shape[0]) if dead is None else dead.nonzero().flatten().cpu()
             if len(rows) == 0:
                 return
             pick = torch.randint(0, vectors.shape[0], (len(rows),), generator=self.gen)
-            jitter = torch.randn(len(rows), vectors.shape[1], generator=self.gen) * vectors.std() * 0.01
-            weight.data[rows.to(weight.device)] = (vectors[pick.to(vectors.device)].cpu() + jitter).to(weight.device, weight.dtype)
-            self.last_used[rows] = self.step
+            jitter = torch.randn(len(rows), vectors.shape[1], generator=self.gen).to(vectors.device) * vectors.std() * 0.01
+            weight.data[rows.to(weight.device)] = (vectors[pick.to(vectors.device)] + jitter).to(weight.device, weight.dtype)
+            self.last_used[rows.to(self.last_used.device)] = self.step
 
-    def train_step(self, bank: ImageBank) -> Progress:
+    def train_step(self, bank: ImageBank, time_used: float = 0.0) -> Progress:
+        """One optimizer step; ``time_used`` is the share of ``max_minutes`` spent so far. Loss,
+        PSNR and codebook use are read back from the device every ``report_every`` steps (and at
+        the last); between those, Progress repeats the last values read."""
         opts, started = self.opts, time.perf_counter()
         x = bank.batch(opts.batch_size, opts.crop, opts.min_scale, self.gen).to(self.device)
         if not self.codebook_ready:
             self._seed_codebook(x)
             self.codebook_ready = True
-        lr = learning_rate(self.step, opts)
+        lr = learning_rate(self.step, opts, time_used)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         noise_gen = torch.Generator(device=self.device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.gen)))
@@ -302,21 +328,24 @@ class Trainer:
         _update_ema(self.ema, self.model, self.step, opts.ema_decay)
         self.step += 1
 
-        codes_used = None
+        report = self.step % max(1, opts.report_every) == 0 or self.step >= opts.steps or time_used >= 1.0
         if indices is not None:
-            self.last_used[indices.flatten().unique().cpu()] = self.step
+            self.last_used[indices.flatten().to(self.last_used.device)] = self.step
             dead = (self.step - self.last_used) > opts.dead_code_steps
-            codes_used = 1.0 - float(dead.float().mean())
+            if report:
+                self.reported["codes_used"] = 1.0 - float(dead.float().mean())
             if self.step % 10 == 0 and bool(dead.any()):
                 self._seed_codebook(x, dead)
+        if report:
+            self.reported["loss"], self.reported["psnr"] = loss.item(), psnr(recon.detach(), x)
         return Progress(
             step=self.step,
             steps=opts.steps,
-            loss=loss.item(),
-            psnr=psnr(recon.detach(), x),
+            loss=self.reported["loss"],
+            psnr=self.reported["psnr"],
             lr=lr,
             seconds=time.perf_counter() - started,
-            codes_used=codes_used,
+            codes_used=self.reported["codes_used"],
         )
 
     def finished_model(self, bank: ImageBank) -> AutoEncoder:
@@ -324,8 +353,8 @@ class Trainer:
         model = copy.deepcopy(self.ema).cpu().eval()
         if self.config.kind == "kl":
             gen = torch.Generator().manual_seed(self.opts.seed + 1)
-            with torch.no_grad():
-                z = torch.cat([model.encode(bank.batch(16, self.opts.crop, self.opts.min_scale, gen)) for _ in range(8)])
+            with torch.no_grad():  # on the training device, in float32
+                z = torch.cat([self.ema.encode(bank.batch(16, self.opts.crop, self.opts.min_scale, gen).to(self.device)).float().cpu() for _ in range(8)])
             mean, std = float(z.mean()), float(z.std())
             model.config = self.config.replace(shift_factor=round(mean, 6), scale_factor=round(1.0 / std, 6))
         model.invalidate_identity()
@@ -345,13 +374,16 @@ def train(
     resume_changes: dict | None = None,
     until: int | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    max_side: int | None = None,
 ) -> AutoEncoder | None:
     """Train and save the EMA model to ``output``; checkpoints go to ``checkpoint`` (resumable).
 
     With ``resume`` the run continues from ``checkpoint`` with its own options, except those in
-    ``resume_changes`` (``steps``, ``crop``, ``batch_size``; by default ``opts.steps``).
-    With ``until`` the run stops after that step, leaving only the checkpoint (returns None): a
-    recipe in phases is a series of such runs.
+    ``resume_changes`` (``steps``, ``crop``, ``batch_size``, ``max_minutes``; by default
+    ``opts.steps``). With ``until`` the run stops after that step, leaving only the checkpoint
+    (returns None): a recipe in phases is a series of such runs. With ``opts.max_minutes`` the run
+    also ends when that much time has passed since its start, and then saves the model as at its
+    last step. ``max_side`` shrinks larger training images when they are read.
     """
     checkpoint = checkpoint or output.with_name(output.name + ".ckpt")
     if resume:
@@ -360,19 +392,30 @@ def train(
         trainer = Trainer.resume(checkpoint, device, **(resume_changes or {"steps": opts.steps}))
     else:
         trainer = Trainer(config, opts, device)
-    bank = ImageBank(data)
+    if device.type == "cuda":  # fixed crop sizes: let cuDNN pick its fastest kernels once
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    bank = ImageBank(data, device=device, max_side=max_side)
     val_images = [load_image(p) for p in val]
     opts = trainer.opts
     last_step = opts.steps if until is None else min(until, opts.steps)
+    budget = opts.max_minutes * 60.0 if opts.max_minutes else None
+    started = time.monotonic()
+    out_of_time = False
     while trainer.step < last_step:
-        progress = trainer.train_step(bank)
-        if val_images and (trainer.step % opts.val_every == 0 or trainer.step == opts.steps):
+        time_used = (time.monotonic() - started) / budget if budget else 0.0
+        progress = trainer.train_step(bank, min(time_used, 1.0))
+        out_of_time = budget is not None and time.monotonic() - started >= budget
+        if val_images and (trainer.step % opts.val_every == 0 or trainer.step == opts.steps or out_of_time):
             progress.val_psnr = validate(trainer.ema, val_images)
-        if trainer.step % opts.checkpoint_every == 0 or trainer.step == last_step:
+        if trainer.step % opts.checkpoint_every == 0 or trainer.step == last_step or out_of_time:
             trainer.save_checkpoint(checkpoint)
         if on_progress is not None:
             on_progress(progress)
-    if trainer.step < opts.steps:
+        if out_of_time:
+            break
+    if trainer.step < opts.steps and not out_of_time:
         return None
     model = trainer.finished_model(bank)
     save_native(model, output)

@@ -81,6 +81,17 @@ def train(
     until: Optional[int] = typer.Option(
         None, "--until", min=1, help="Stop after this step, leaving the checkpoint to --resume from (phased recipes)."
     ),
+    max_minutes: Optional[float] = typer.Option(
+        None, "--max-minutes", min=0.0, help="Wall-clock limit: the schedule follows the time used; at the limit the model is saved."
+    ),
+    max_side: Optional[int] = typer.Option(
+        None, "--max-side", min=16, help="Shrink training images larger than this on their long side when read."
+    ),
+    ema_decay: float = typer.Option(0.999, "--ema-decay", min=0.0, max=1.0, help="Decay of the weights' moving average."),
+    warmup: int = typer.Option(200, "--warmup", min=1, help="Linear warm-up steps."),
+    report_every: Optional[int] = typer.Option(
+        None, "--report-every", min=1, help="Steps between read-backs of loss and PSNR [default: 1; 25 on CUDA]."
+    ),
     checkpoint_every: int = typer.Option(250, "--checkpoint-every", min=1, help="Steps between the checkpoints --resume continues from (OUTPUT.ckpt)."),
     val_every: int = typer.Option(500, "--val-every", min=1, help="Steps between measurements of the validation PSNR."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT.ckpt, written every --checkpoint-every steps."),
@@ -145,6 +156,10 @@ def train(
         bf16=use_bf16,
         checkpoint_every=checkpoint_every,
         val_every=val_every,
+        max_minutes=max_minutes,
+        ema_decay=ema_decay,
+        warmup=warmup,
+        report_every=report_every or (25 if torch_device.type == "cuda" else 1),
     )
     files = image_files(data)
     val_files = image_files(val) if val else []
@@ -180,10 +195,17 @@ def train(
             if not first_step:
                 first_step.append(p.step - 1)
             bar.update(task, completed=p.step, loss=p.loss, psnr=p.psnr, extra="  ".join(extra))
-            if not quiet and not err_console.is_terminal and (p.step % log_every == 0 or p.step == steps):
+            elapsed = time.perf_counter() - started
+            if max_minutes:  # bounded by time: a line every 15 seconds, and at the end
+                due = elapsed - last.get("logged", -1e9) >= 15.0 or elapsed >= 60.0 * max_minutes or p.step == steps
+            else:
+                due = p.step % log_every == 0 or p.step == steps
+            if not quiet and not err_console.is_terminal and due:
                 # Not a terminal (a log file, CI): a plain line now and then instead of a live bar.
-                elapsed = time.perf_counter() - started
+                last["logged"] = elapsed
                 eta = elapsed / max(1, p.step - first_step[0]) * (steps - p.step)
+                if max_minutes:
+                    eta = min(eta, max(0.0, 60.0 * max_minutes - elapsed))
                 err_console.print(
                     f"step {p.step}/{steps}  loss {p.loss:.4f}  psnr {p.psnr:.2f} dB  {'  '.join(extra)}  "
                     f"{elapsed:.0f}s elapsed, eta {eta:.0f}s",
@@ -194,7 +216,8 @@ def train(
         try:
             model = run_training(
                 files, output, config, opts, device=torch_device, val=val_files,
-                resume=resume, resume_changes=dict(steps=steps, crop=crop, batch_size=batch_size), until=until, on_progress=on_progress
+                resume=resume, resume_changes=dict(steps=steps, crop=crop, batch_size=batch_size, max_minutes=max_minutes),
+                until=until, on_progress=on_progress, max_side=max_side,
             )
         except KeyboardInterrupt:
             bar.stop()
@@ -212,6 +235,8 @@ def train(
     if model is None:
         err_console.print(f"stopped after step {last.get('step')}; continue with --resume")
         return
+    if last.get("step", steps) < steps:
+        err_console.print(f"--max-minutes {max_minutes:g} reached at step {last.get('step')}; saved the model as at a last step")
     summary = {
         "output": str(output),
         "config": model.config.to_dict(),
