@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -197,7 +198,7 @@ def train(
             bar.update(task, completed=p.step, loss=p.loss, psnr=p.psnr, extra="  ".join(extra))
             elapsed = time.perf_counter() - started
             if max_minutes:  # bounded by time: a line every 15 seconds, and at the end
-                due = elapsed - last.get("logged", -1e9) >= 15.0 or elapsed >= 60.0 * max_minutes or p.step == steps
+                due = elapsed - last.get("logged", -1e9) >= 15.0 or p.step == steps
             else:
                 due = p.step % log_every == 0 or p.step == steps
             if not quiet and not err_console.is_terminal and due:
@@ -236,7 +237,12 @@ def train(
         err_console.print(f"stopped after step {last.get('step')}; continue with --resume")
         return
     if last.get("step", steps) < steps:
-        err_console.print(f"--max-minutes {max_minutes:g} reached at step {last.get('step')}; saved the model as at a last step")
+        err_console.print(
+            f"--max-minutes {max_minutes:g} reached at step {last.get('step')} (loss {last.get('loss', math.nan):.4f}, "
+            f"psnr {last.get('psnr', math.nan):.2f} dB); saved the model as at a last step",
+            highlight=False,
+            soft_wrap=True,
+        )
     summary = {
         "output": str(output),
         "config": model.config.to_dict(),
