@@ -82,3 +82,50 @@ def test_bias_ignores_zero_mean_noise_and_grey_input():
     assert metrics.channel_bias(grey, grey + 2 / 255) == pytest.approx((2.0, 2.0, 2.0))
     with pytest.raises(ValueError):
         metrics.ciede2000(reference, reference[:10])
+
+
+def _quality_benchmark():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+    spec = importlib.util.spec_from_file_location("quality_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _photo(size: int = 96) -> np.ndarray:
+    from pathlib import Path
+
+    from PIL import Image
+
+    rgb = Image.open(Path(__file__).resolve().parents[1] / "sample_images" / "astronaut.png").convert("RGB")
+    return np.asarray(rgb, dtype=np.float32)[100 : 100 + size, 150 : 150 + size + 32] / 255.0
+
+
+def test_jpeg_floor_picks_the_quality_closest_to_the_bit_budget():
+    quality = _quality_benchmark()
+    rgb = _photo()
+    decoded, chosen, bpp = quality.jpeg_floor(rgb, 0.625)
+    image = quality.to_pil(rgb)
+    pixels = image.width * image.height
+    sizes = {q: len(quality.jpeg_bytes(image, q)) * 8 / pixels for q in range(1, 101)}
+    best = min(sizes, key=lambda q: abs(sizes[q] - 0.625))
+    assert abs(sizes[chosen] - 0.625) == abs(sizes[best] - 0.625)  # as close as any quality gets
+    assert bpp == pytest.approx(sizes[chosen])
+    assert decoded.shape == rgb.shape and 20 < metrics.psnr(rgb, decoded) < 40
+    _, higher, bpp_high = quality.jpeg_floor(rgb, 2.0)  # more bits: a higher quality
+    assert higher > chosen and bpp_high > bpp
+
+
+def test_resize_floor_keeps_flat_areas_and_loses_detail():
+    quality = _quality_benchmark()
+    flat = np.broadcast_to(np.array([0.2, 0.6, 0.4], dtype=np.float32), (64, 80, 3)).copy()
+    assert metrics.psnr(flat, quality.resize_floor(flat)) > 45
+    rgb = _photo()
+    out = quality.resize_floor(rgb)
+    assert out.shape == rgb.shape and metrics.psnr(rgb, out) < 35
+    assert max(abs(b) for b in metrics.channel_bias(rgb, out)) < 1.0  # resizing does not shift colours
