@@ -17,7 +17,12 @@
 # show it ever larger images. Both models are f4 with ch 64 (two channels in every GroupNorm group
 # at full resolution; with ch 32, one channel a group, large flat areas lost their colour).
 #
+# With DATA=DIR the recipes train instead on DIR/train, made by scripts/get_training_data.sh (the
+# Debian wallpaper packages' images and scikit-image's photographs, see DATA.md), each image shrunk
+# to 1024 px on its long side when read; validation stays sample_images/.
+#
 # Usage: bash scripts/train_default_models.sh [OUT_DIR] [MODEL...]   (default: vqcli/weights, both)
+#        DATA=DIR bash scripts/train_default_models.sh OUT [MODEL...]  on the wider training data
 #        FROM_PHASE=N bash scripts/train_default_models.sh OUT MODEL   continues MODEL at phase N
 #        QUICK=1 bash scripts/train_default_models.sh OUT default      the 79-minute default
 set -euo pipefail
@@ -27,12 +32,19 @@ shift || true
 models=("$@")
 [ ${#models[@]} -eq 0 ] && models=(default default-vq)
 from=${FROM_PHASE:-1}
-mkdir -p "$out" runs/train-data
-skdata=$(python -c 'import os, skimage.data; print(os.path.dirname(skimage.data.__file__))')
-for f in chelsea.png hubble_deep_field.jpg retina.jpg brick.png grass.png gravel.png text.png cell.png clock_motion.png; do
-  cp "$skdata/$f" runs/train-data/
-done
-common=(runs/train-data --val sample_images --seed 0 --checkpoint-every 250 --val-every 500 --overwrite)
+mkdir -p "$out"
+if [ -n "${DATA:-}" ]; then
+  [ -d "$DATA/train" ] || { echo "error: $DATA/train: no such folder (make it with scripts/get_training_data.sh)" >&2; exit 1; }
+  common=("$DATA/train" --max-side 1024)
+else
+  mkdir -p runs/train-data
+  skdata=$(python -c 'import os, skimage.data; print(os.path.dirname(skimage.data.__file__))')
+  for f in chelsea.png hubble_deep_field.jpg retina.jpg brick.png grass.png gravel.png text.png cell.png clock_motion.png; do
+    cp "$skdata/$f" runs/train-data/
+  done
+  common=(runs/train-data)
+fi
+common+=(--val sample_images --seed 0 --checkpoint-every 250 --val-every 500 --overwrite)
 
 # Each phase: crop, crops per step, the total steps its cosine schedule is planned for, and the
 # step it stops at ("-": that total). Phase 1 starts afresh; later phases resume the checkpoint.

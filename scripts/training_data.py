@@ -142,7 +142,7 @@ def parse_dep5(text: str) -> list[tuple[list[str], str, str]]:
         if "Files" in fields:
             patterns = fields["Files"].split()
             licence = fields.get("License", "").splitlines()[0].strip() if fields.get("License") else ""
-            holders = " ".join(line.strip() for line in fields.get("Copyright", "").splitlines() if line.strip())
+            holders = "; ".join(line.strip().rstrip("´") for line in fields.get("Copyright", "").splitlines() if line.strip())
             stanzas.append((patterns, holders, licence))
     return stanzas
 
@@ -388,6 +388,12 @@ def data_md(out: Path) -> str:
         f"{sum(e.split == 'train' for e in entries)} training files "
         f"({sum(e.split == 'train' and e.photograph for e in entries)} photographs), "
         f"{sum(e.split == 'val' for e in entries)} validation photographs.",
+        "",
+        "Held out for validation (never trained on): "
+        + ", ".join(f"`{Path(e.file).stem.split('__', 1)[1]}` ({e.package})" for e in entries if e.split == "val")
+        + ". Chosen as real photographs of varied colour: skies and landscapes (Dune, Storm, Kite, EveningGlow,"
+        " summer_1am), colourful objects (LadyBird, YellowFlower, FreshFlower, ColorfulCups), greens (RainDrops,"
+        " Path) and a close-up with a blurred background (Kleiber).",
         "",
         "| file | split | photograph | package | size | author (copyright) | licence |",
         "|---|---|---|---|---|---|---|",
