@@ -126,17 +126,28 @@ def main(argv: list[str] | None = None) -> int:
             candidates[folder.name] = entry
             continue
         try:
-            started = time.perf_counter()
-            model = AutoEncoder.load(weights[0], device=device)
-            entry["file"] = str(weights[0])
-            entry["kind"] = model.config.kind
-            entry["megabytes"] = round(weights[0].stat().st_size / 1e6, 2)
-            entry["parameters"] = sum(p.numel() for p in model.parameters())
-            entry["eval"] = {set_name: evaluate(model, images) for set_name, images in sets.items()}
-            entry["eval_seconds"] = round(time.perf_counter() - started, 2)
+            model = AutoEncoder.load(weights[0])
         except Exception as e:  # noqa: BLE001 - one broken candidate must not hide the others
             entry["failed"] = True
-            entry["log_tail"] = f"evaluation failed: {type(e).__name__}: {e}"
+            entry["log_tail"] = f"its weights do not load: {type(e).__name__}: {e}"
+            candidates[folder.name] = entry
+            continue
+        entry["file"] = str(weights[0])
+        entry["kind"] = model.config.kind
+        entry["megabytes"] = round(weights[0].stat().st_size / 1e6, 2)
+        entry["parameters"] = sum(p.numel() for p in model.parameters())
+        # Measured on the device; should that fail, on the CPU; should that fail too, the weights
+        # still come back, unranked, with the error in the report.
+        for where in dict.fromkeys([device, torch.device("cpu")]):
+            try:
+                started = time.perf_counter()
+                entry["eval"] = {set_name: evaluate(model.to(where), images) for set_name, images in sets.items()}
+                entry["eval_device"] = str(where)
+                entry["eval_seconds"] = round(time.perf_counter() - started, 2)
+                break
+            except Exception as e:  # noqa: BLE001
+                entry.setdefault("eval_errors", []).append(f"{where}: {type(e).__name__}: {e}")
+        model.cpu()
         candidates[folder.name] = entry
 
     def overall(entry: dict) -> float:
@@ -183,6 +194,10 @@ def markdown(report: dict) -> str:
         if c.get("failed"):
             lines.append(f"| {c['name']} | FAILED (exit {c['exit_status']}) | {training.get('steps', '-')} | - | " + " | ".join("-" for _ in set_names) + " | - |")
             continue
+        if "eval" not in c:
+            lines.append(f"| {c['name']} | {c['kind']} | {training.get('steps', '?')} | {training.get('seconds', '?')} | "
+                         + " | ".join("not measured" for _ in set_names) + " | - |")
+            continue
         cells = " | ".join(
             f"{c['eval'][s]['mean_psnr']:.2f} / {c['eval'][s]['mean_ciede2000']:.2f} / {c['eval'][s]['max_abs_bias']:.1f}"
             for s in set_names
@@ -196,7 +211,10 @@ def markdown(report: dict) -> str:
         if c.get("failed"):
             lines += ["", f"`{c['name']}` failed; the end of its log:", "", "```", c.get("log_tail", ""), "```"]
     for c in report["candidates"].values():
-        if c.get("failed"):
+        if c.get("eval_errors"):
+            lines += ["", f"`{c['name']}`: evaluation errors: " + "; ".join(c["eval_errors"])]
+    for c in report["candidates"].values():
+        if c.get("failed") or "eval" not in c:
             continue
         for s in set_names:
             lines += ["", f"### {c['name']} on {s}", "", "| image | PSNR | resize floor | CIEDE2000 | bias R, G, B |", "|---|---|---|---|---|"]
