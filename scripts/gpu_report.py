@@ -29,8 +29,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vqcli import AutoEncoder  # noqa: E402
-from vqcli import metrics  # noqa: E402
+from vqcli import AutoEncoder, metrics  # noqa: E402
 from vqcli.images import load_image  # noqa: E402  (vqcli.io.images after the restructuring)
 from vqcli.pipeline import decode_array, encode_array  # noqa: E402
 

@@ -181,7 +181,7 @@ def licence_for(copyright_text: str, source: str, package: str) -> tuple[str, st
         base = pattern.rsplit("/", 1)[-1]
         return "/" in pattern and not any(c in base for c in "*?[") and base == parts[-1]
 
-    if re.search(r"^Format:", copyright_text[:400], re.M):
+    if re.search(r"^Format:", copyright_text[:400], re.MULTILINE):
         found = ("", "")
         for patterns, holders, licence in parse_dep5(copyright_text):
             if any(matches(p) for p in patterns):  # DEP-5: the last matching stanza wins
