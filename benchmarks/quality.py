@@ -32,8 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 from vqcli import metrics  # noqa: E402
 from vqcli.errors import VqcliError  # noqa: E402
-from vqcli.models import resolve_model  # noqa: E402  (vqcli.checkpoints after the restructuring)
-from vqcli.pipeline import decode_array, encode_array  # noqa: E402
+from vqcli.checkpoints.load import resolve_model  # noqa: E402
+from vqcli.pipeline.decode import decode_array  # noqa: E402
+from vqcli.pipeline.encode import encode_array  # noqa: E402
 
 VAL_SIDE = 768
 BITS_PER_PIXEL = 0.625

@@ -30,8 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vqcli import AutoEncoder, metrics  # noqa: E402
-from vqcli.images import load_image  # noqa: E402  (vqcli.io.images after the restructuring)
-from vqcli.pipeline import decode_array, encode_array  # noqa: E402
+from vqcli.checkpoints.native import load_native  # noqa: E402
+from vqcli.io.images import load_image  # noqa: E402
+from vqcli.pipeline.decode import decode_array  # noqa: E402
+from vqcli.pipeline.encode import encode_array  # noqa: E402
 
 
 def resize_floor(rgb: np.ndarray) -> np.ndarray:
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             candidates[folder.name] = entry
             continue
         try:
-            model = AutoEncoder.load(weights[0])
+            model = load_native(weights[0])
         except Exception as e:  # noqa: BLE001 - one broken candidate must not hide the others
             entry["failed"] = True
             entry["log_tail"] = f"its weights do not load: {type(e).__name__}: {e}"
