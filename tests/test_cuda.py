@@ -212,6 +212,7 @@ def test_the_default_budget_comes_from_the_gpus_free_memory(monkeypatch):
         torch.cuda.empty_cache()
         assert budgets.default_budget(GPU) < 64 * 2**20
         torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()  # (``whole`` is held now: not the tiled decode's)
         with compute_context(GPU, torch.float32, model=model):
             tiled = model.decode(z)
         tiled_peak = torch.cuda.max_memory_allocated() - base
@@ -245,7 +246,7 @@ def test_cli_encode_and_decode_with_device_cuda(tmp_path):
 
     for device in ("cpu", "cuda"):
         vqcli("encode", images, "-o", tmp_path / f"lat-{device}", "--model", model_file, "--device", device, "--quiet")
-    r = vqcli("decode", tmp_path / "lat-cuda", "-o", tmp_path / "rec", "--device", "cuda", "--dtype", "bfloat16", "--json")
+    r = vqcli("decode", tmp_path / "lat-cuda", "-o", tmp_path / "rec", "--model", model_file, "--device", "cuda", "--dtype", "bfloat16", "--json")
     assert json.loads(r.stdout)["failed"] == 0
     from safetensors.torch import load_file
 
