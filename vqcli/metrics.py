@@ -18,7 +18,11 @@ import torch.nn.functional as F
 
 def psnr(reference: np.ndarray, test: np.ndarray, data_range: float = 1.0) -> float:
     """Peak signal-to-noise ratio in dB (inf for identical images)."""
-    mse = float(np.mean((reference.astype(np.float64) - test.astype(np.float64)) ** 2))
+    return psnr_from_mse(float(np.mean((reference.astype(np.float64) - test.astype(np.float64)) ** 2)), data_range)
+
+
+def psnr_from_mse(mse: float, data_range: float = 1.0) -> float:
+    """The PSNR in dB of a mean squared error, for values spanning ``data_range``."""
     return math.inf if mse == 0 else 10.0 * math.log10(data_range**2 / mse)
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vqcli import metrics
 from vqcli.checkpoints.native import save_native
 from vqcli.checkpoints.read import TRAIN_CHECKPOINT_FORMAT
 from vqcli.checkpoints.registry import EMBEDDED
@@ -47,8 +48,6 @@ from vqcli.model.autoencoder import AutoEncoder
 from vqcli.model.config import AutoEncoderConfig
 from vqcli.pipeline.decode import decode_array
 from vqcli.pipeline.encode import encode_array
-
-from . import metrics
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +178,7 @@ def learning_rate(step: int, opts: TrainOptions, time_used: float = 0.0) -> floa
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB between two tensors in [-1, 1] (peak-to-peak 2)."""
-    mse = F.mse_loss(a.float().clamp(-1, 1), b.float().clamp(-1, 1)).item()
-    return float("inf") if mse == 0 else 10.0 * math.log10(4.0 / mse)
+    return metrics.psnr_from_mse(F.mse_loss(a.float().clamp(-1, 1), b.float().clamp(-1, 1)).item(), 2.0)
 
 
 def _param_groups(model: AutoEncoder, weight_decay: float) -> list[dict]:
