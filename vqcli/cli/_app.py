@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import re
 import signal
+import threading
+from collections.abc import Iterator
 from typing import Annotated, Any, Callable
 
 import typer
@@ -209,6 +212,27 @@ class _Terminated:
         if not cls.received:  # (a second SIGTERM while stopping does not interrupt the stopping)
             cls.received = True
             raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Within, Ctrl-C and SIGTERM wait: a signal that comes is sent again on the way out, when the
+    previous handlers are back. Counting a finished file (the summary, the manifest) is done
+    inside, so that a stop cannot fall between the file being written and it being counted.
+    (Only the main thread can set handlers; elsewhere nothing is held.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(caught):
+            signal.raise_signal(s)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,6 +31,7 @@ from vqcli.cli._app import (
     out_console,
     print_json,
     shown,
+    signals_held,
 )
 from vqcli.errors import UsageError
 from vqcli.pipeline.results import DONE, FAILED, SKIPPED, FileResult, StopRun
@@ -396,12 +397,17 @@ def run_report(report: RunReport, results) -> None:
     Ctrl-C stops the run between files: what was finished stays finished (each file is written
     atomically), the summary says so, and the exit code is 130. A full disk stops it too (exit 1).
     """
+    result = counted = None
     try:
         with report:
             for result in results:
-                report.add(result)
+                with signals_held():
+                    report.add(result)
+                    counted = result
     except KeyboardInterrupt:
         report.interrupted = True
+        if result is not counted:  # the stop came between receiving it and counting it
+            report.add(result)
         for result in last_results(results):
             report.add(result)
     except StopRun as e:

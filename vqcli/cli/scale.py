@@ -17,7 +17,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from vqcli.cli._app import err_console, shown
+from vqcli.cli._app import err_console, shown, signals_held
 from vqcli.cli.common import RunReport, last_results, stopped
 from vqcli.errors import UsageError
 from vqcli.pipeline.results import FileResult, StopRun
@@ -297,20 +297,26 @@ def run(report: RunReport, results: Iterable[FileResult], scale: Scale, **finish
     """Feed ``results`` into ``report`` (recording the manifest), finish the run across processes,
     print the summary and exit with the whole run's code (rank 0; see ``Scale.exit_code``).
 
-    Ctrl-C stops the run between files: what was finished stays finished and is in the manifest.
+    Ctrl-C stops the run between files: what was finished stays finished and is in the manifest
+    (each result is counted with the signals held: ``signals_held``).
     The heap is tuned for the run (``speed.heap.fast_allocator``): it stays paged in between files.
     """
     from vqcli.pipeline import distributed
     from vqcli.speed.heap import fast_allocator
 
+    result = counted = None
     try:
         try:
             with report, fast_allocator():
                 scale.begin()
                 for result in results:
-                    scale.add(report, result)
+                    with signals_held():  # (a stop here would lose a file already written)
+                        scale.add(report, result)
+                        counted = result
         except KeyboardInterrupt:
             report.interrupted = True
+            if result is not counted:  # the stop came between receiving it and counting it
+                scale.add(report, result)
             for result in last_results(results):
                 scale.add(report, result)
         except StopRun as e:
