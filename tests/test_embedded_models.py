@@ -23,8 +23,10 @@ from vqcli.pipeline.roundtrip import roundtrip_image
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_images"
 PHOTOS = sorted(p for p in SAMPLES.iterdir() if p.suffix in (".png", ".jpg"))
 
-# Mean PSNR (dB) over sample_images/ measured with `vqcli roundtrip` when the weights were made.
-MEASURED = {"default": 27.37, "default-vq": 22.70}
+# Mean PSNR (dB) over sample_images/ measured with `vqcli roundtrip`. rocket.jpg carries an Adobe RGB
+# (1998) profile: since photos are converted to sRGB (issue 19) it is read as its colours are, and
+# the means moved from 27.37 and 22.70 (the photo taken as sRGB) to 27.17 and 22.16.
+MEASURED = {"default": 27.17, "default-vq": 22.16}
 MARGIN_DB = 0.2
 # Share of the 1024 codes that default-vq uses on the validation photographs, when measured.
 VQ_CODES_USED = 950 / 1024

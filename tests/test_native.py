@@ -209,7 +209,7 @@ def test_header_that_is_not_json_or_not_an_object(tmp_path):
     path.write_bytes(raw_safetensors([1, 2, 3], bytes(8)))
     assert_file_error(path, "header is not a JSON object")
     path.write_bytes(raw_safetensors("[" * 100_000 + "]" * 100_000))
-    assert_file_error(path, "not valid JSON")
+    assert_file_error(path, "header is a heap of brackets")  # (refused before it is parsed)
 
 
 @pytest.mark.parametrize(

@@ -101,7 +101,10 @@ def test_roundtrip_names_a_broken_file_and_goes_on(tmp_path, model_file):
     inputs.mkdir()
     Image.new("RGB", (16, 16), (200, 10, 10)).save(inputs / "good.png")
     (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    result = CliRunner().invoke(app, ["roundtrip", str(inputs), "-o", str(tmp_path / "out"), "--model", str(model_file)])
+    # (a console wide enough for the table's paths, whatever the temporary folder's length)
+    result = CliRunner().invoke(
+        app, ["roundtrip", str(inputs), "-o", str(tmp_path / "out"), "--model", str(model_file)], env={"COLUMNS": "400"}
+    )
     assert result.exit_code == 1
     assert "broken.png" in result.stderr and "good.png" in result.stdout
     assert (tmp_path / "out" / "good.png.roundtrip.png").exists()

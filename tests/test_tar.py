@@ -33,6 +33,7 @@ from safetensors.torch import load as load_safetensors
 from vqcli.errors import FileError
 from vqcli.io import tarfiles as tario
 from vqcli.io.images import load_image, load_image_bytes
+from vqcli.pipeline.pictures import side_by_side
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +189,9 @@ def test_roundtrip_reads_tar_shards(tmp_path, model):
     r = cli("roundtrip", tar, "-o", tmp_path / "out", "--model", model, "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["images"][0]["path"] == str(tar / "d" / "k.png")
-    assert Image.open(tmp_path / "out" / "s.tar" / "d" / "k.png.roundtrip.png").size == (33 * 3, 17)
+    blank = np.zeros((17, 33, 3), dtype=np.uint8)  # (the labelled picture of a 33x17 image has this size)
+    expected = side_by_side(blank, blank, 30.0, 0.9).shape[1::-1]
+    assert Image.open(tmp_path / "out" / "s.tar" / "d" / "k.png.roundtrip.png").size == expected
 
 
 # --- decoding members like files ------------------------------------------------------------------

@@ -16,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vqcli import AutoEncoder, AutoEncoderConfig
+from vqcli import AutoEncoderConfig
+from vqcli.checkpoints.native import load_native
 from vqcli.train import ImageBank, Trainer, TrainOptions, learning_rate, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +63,7 @@ def test_max_minutes_ends_the_run_with_a_scaled_model(photos, tmp_path, monkeypa
     assert [p.step for p in seen] == [1, 2, 3]  # readings at 1 s (start), then 2+3, 4+5, 6+7 s: the third step ends past 6 s
     lrs = [p.lr for p in seen]
     assert lrs[1] == pytest.approx(opts.lr * 2 / 2) and lrs[2] < lrs[1]  # the cosine follows the time used
-    loaded = AutoEncoder.load(out)
+    loaded = load_native(out)
     assert loaded.config.scale_factor != 1.0 and loaded.config.shift_factor != 0.0  # measured, as at a last step
     assert loaded.config.scale_factor == model.config.scale_factor
     assert (tmp_path / "m.safetensors.ckpt").is_file()
@@ -112,10 +113,10 @@ def test_train_gpu_script_dry_run(photos, tmp_path):
     assert all((out / f).stat().st_size <= 16 * 2**20 for f in files)
     assert report["candidates"]["broken"]["failed"] and "multiple of 32" in report["candidates"]["broken"]["log_tail"]
     assert set(report["chosen"]) == {"default", "default-vq"}
-    default, vq = AutoEncoder.load(out / "default.safetensors"), AutoEncoder.load(out / "default-vq.safetensors")
+    default, vq = load_native(out / "default.safetensors"), load_native(out / "default-vq.safetensors")
     assert (default.config.name, default.config.kind) == ("default", "kl")
     assert (vq.config.name, vq.config.kind, vq.config.n_embed) == ("default-vq", "vq", 1024)
-    runner = AutoEncoder.load(out / f"candidate-{runner_up}.safetensors").config
+    runner = load_native(out / f"candidate-{runner_up}.safetensors").config
     shapes = {report["chosen"]["default"]: default.config, runner_up: runner}
     assert (shapes["kl-f4"].downsampling, shapes["kl-f4"].z_channels, shapes["kl-f4"].ch) == (4, 4, 64)
     assert (shapes["kl-f8"].downsampling, shapes["kl-f8"].z_channels, shapes["kl-f8"].name) == (8, 16, "default")

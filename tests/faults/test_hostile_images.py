@@ -36,6 +36,8 @@ KL = AutoEncoderConfig(kind="kl", ch=32, ch_mult=(1, 2), num_res_blocks=1, z_cha
 # one file extension per format vqcli reads
 EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "BMP": "bmp", "DIB": "dib", "GIF": "gif", "TIFF": "tif",
               "PPM": "ppm", "TGA": "tga", "ICO": "ico", "QOI": "qoi"}
+if "AVIF" in READ_FORMATS:  # (where this Pillow reads AVIF)
+    EXTENSIONS["AVIF"] = "avif"
 
 
 def test_every_format_read_is_exercised():

@@ -231,7 +231,7 @@ class Scale:
         if report.quiet or report.as_json:
             return
         if done is not None:
-            err_console.print(shown(f"manifest: {path} ({done['lines']} lines)"), highlight=False)
+            err_console.print(shown(f"manifest: {path} ({done['lines']} lines)"), highlight=False, soft_wrap=True)
         else:
             waiting = ", ".join(map(str, info["missing"]))
             err_console.print(
@@ -240,6 +240,7 @@ class Scale:
                     f"there (waiting for: {waiting})"
                 ),
                 highlight=False,
+                soft_wrap=True,  # (one line in a log, however long the path)
             )
 
     def exit_code(self, report: RunReport, code: int) -> int:

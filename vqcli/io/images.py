@@ -178,6 +178,8 @@ def _load(source: Path | io.BytesIO, path: Path, max_pixels: int | None, details
         if _is_empty(source):
             raise FileError(path, "empty file (0 bytes), not an image") from None
         if _brand(source) in _AVIF_BRANDS:
+            if "AVIF" in READ_FORMATS:  # this Pillow reads AVIF: the file is what is broken
+                raise FileError(path, "cannot decode image (an AVIF file, truncated or damaged)") from None
             raise FileError(path, "an AVIF image, which this Pillow cannot read (pip install -U pillow)") from None
         other = _other_format(source)
         if other is not None:
