@@ -59,13 +59,45 @@ def is_ours(path: Path) -> bool:
         return False
 
 
+def text(value: object) -> str:
+    """``value`` as HTML text or attribute value: markup escaped, quotes too, and control
+    characters shown as escapes (a file name may hold any of them)."""
+    shown = "".join(c if c.isprintable() or c == " " else ascii(c)[1:-1] for c in str(value))
+    return html.escape(shown, quote=True)
+
+
+def relative_src(target: str | os.PathLike, folder: Path) -> str:
+    """An ``src``/``href`` for ``target`` relative to a page in ``folder``, URL-quoted and escaped."""
+    return html.escape(quote(Path(os.path.relpath(target, folder)).as_posix()), quote=True)
+
+
+def page_head(title: str, style: str, script: str) -> str:
+    """The start of a vqcli page up to ``<body>``: charset, the ``generator`` tag, title, inline style and script."""
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{GENERATOR}\n'
+        f"<title>{text(title)}</title><style>{style}</style><script>{script}</script></head>"
+    )
+
+
+def write_page(folder: Path, page: str) -> Path | None:
+    """Write ``page`` as ``folder/index.html``, atomically, replacing only a page of vqcli's; None
+    (and nothing written) when a file of someone else's is there."""
+    path = Path(folder) / NAME
+    exists = os.path.lexists(path)
+    if exists and not is_ours(path):
+        return None
+    with atomic_path(path, overwrite=exists) as tmp:
+        Path(tmp).write_text(page, encoding="utf-8")
+    return path
+
+
 def gallery_html(rows: list[dict], folder: Path, title: str = "vqcli roundtrip") -> str:
     """The page for ``rows`` (each: ``path`` the input, ``picture`` the side-by-side file,
     ``width``, ``height``, ``psnr``, ``ssim``), to be written in ``folder``."""
     table, figures = [], []
     for i, row in enumerate(rows):
         name = html.escape(str(row["path"]))
-        src = html.escape(quote(Path(os.path.relpath(row["picture"], folder)).as_posix()))
+        src = relative_src(row["picture"], folder)
         psnr = row["psnr"]
         width, height = row["width"], row["height"]
         table.append(
@@ -78,9 +110,7 @@ def gallery_html(rows: list[dict], folder: Path, title: str = "vqcli roundtrip")
             f'<div class="view" style="width:{width}px;height:{height}px">'
             f'<img src="{src}" alt="{name}" data-shift="{width + GAP}" style="margin-top:-{CAPTION}px"></div></figure>'
         )
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">{GENERATOR}
-<title>{html.escape(title)}</title><style>{_STYLE}</style><script>{_SCRIPT}</script></head>
+    return f"""{page_head(title, _STYLE, _SCRIPT)}
 <body><h1>{html.escape(title)}</h1>
 <p>Show: <label><input type="radio" name="show" checked onclick="show('both')"> side by side</label>
 <label><input type="radio" name="show" onclick="show('original')"> original</label>
@@ -98,13 +128,7 @@ def gallery_html(rows: list[dict], folder: Path, title: str = "vqcli roundtrip")
 def write_gallery(folder: Path, rows: list[dict], title: str = "vqcli roundtrip") -> Path | None:
     """Write ``folder/index.html`` (replacing only a gallery of vqcli's); None when a file of
     someone else's is there."""
-    path = Path(folder) / NAME
-    exists = os.path.lexists(path)
-    if exists and not is_ours(path):
-        return None
-    with atomic_path(path, overwrite=exists) as tmp:
-        Path(tmp).write_text(gallery_html(rows, Path(folder), title), encoding="utf-8")
-    return path
+    return write_page(folder, gallery_html(rows, Path(folder), title))
 
 
 def _number(value: float) -> str:
