@@ -15,7 +15,7 @@ from vqcli import AutoEncoder, AutoEncoderConfig
 from vqcli.checkpoints.native import save_native
 from vqcli.cli import app
 from vqcli.io.images import load_image
-from vqcli.metrics import psnr, ssim
+from vqcli.metrics import channel_bias, ciede2000, psnr, ssim
 from vqcli.pipeline import pictures
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_images"
@@ -92,8 +92,15 @@ def test_roundtrip_reports_metrics_that_match_its_pictures(tmp_path, model_file)
         mse = np.mean((original.astype(np.float64) - reconstruction) ** 2)
         assert entry["psnr"] == pytest.approx(10 * np.log10(255.0**2 / mse), abs=0.01)
         assert entry["ssim"] == pytest.approx(_skimage_ssim(original.astype(np.float64), reconstruction, 255.0), abs=1e-4)
-    mean = np.mean([i["psnr"] for i in summary["images"]])
-    assert summary["mean"]["psnr"] == pytest.approx(mean, abs=0.01)
+        # the colour difference and bias of the picture's reconstruction, computed here directly
+        assert entry["ciede2000"] == pytest.approx(ciede2000(original / 255.0, reconstruction / 255.0), abs=1e-4)
+        assert entry["ciede2000"] > 0.1  # (a random model: far from the original)
+        expected_bias = channel_bias(original / 255.0, reconstruction / 255.0)
+        assert entry["bias"] == pytest.approx(list(expected_bias), abs=1e-3) and len(entry["bias"]) == 3
+    assert set(summary["mean"]) == {"psnr", "ssim", "ciede2000", "bias"}
+    for key in ("psnr", "ssim", "ciede2000"):
+        assert summary["mean"][key] == pytest.approx(np.mean([i[key] for i in summary["images"]]), abs=0.01)
+    assert summary["mean"]["bias"] == pytest.approx(np.mean([i["bias"] for i in summary["images"]], axis=0), abs=1e-3)
 
 
 def test_roundtrip_names_a_broken_file_and_goes_on(tmp_path, model_file):
@@ -107,6 +114,7 @@ def test_roundtrip_names_a_broken_file_and_goes_on(tmp_path, model_file):
     )
     assert result.exit_code == 1
     assert "broken.png" in result.stderr and "good.png" in result.stdout
+    assert "ΔE00" in result.stdout  # the colour difference's column
     assert (tmp_path / "out" / "good.png.roundtrip.png").exists()
     assert not (tmp_path / "out" / "broken.png.roundtrip.png").exists()
 
@@ -119,7 +127,7 @@ def test_side_by_side_labels_name_each_panel_and_the_metrics():
     rng = np.random.default_rng(0)
     original = rng.integers(0, 256, (40, 120, 3), dtype=np.uint8)
     reconstruction = np.clip(original.astype(int) + 3, 0, 255).astype(np.uint8)
-    picture = pictures.side_by_side(original, reconstruction, 31.234, 0.98765)
+    picture = pictures.side_by_side(original, reconstruction, 31.234, 0.98765, 2.346)
     top, gap, w = pictures.CAPTION, pictures.GAP, 120
 
     def drawn(text: str, width: int) -> np.ndarray:
@@ -129,7 +137,7 @@ def test_side_by_side_labels_name_each_panel_and_the_metrics():
 
     for i, label in enumerate(("original", "reconstruction", "error x4")):
         assert np.array_equal(picture[:top, i * (w + gap) : i * (w + gap) + w], drawn(label, w))
-    assert np.array_equal(picture[top + 40 :], drawn("PSNR 31.23 dB   SSIM 0.9877", 3 * w + 2 * gap))
+    assert np.array_equal(picture[top + 40 :], drawn("PSNR 31.23 dB   SSIM 0.9877   dE00 2.35", 3 * w + 2 * gap))
 
 
 def test_gallery_links_every_picture_relatively_and_sorts(tmp_path, model_file):
@@ -168,8 +176,11 @@ def test_gallery_links_every_picture_relatively_and_sorts(tmp_path, model_file):
     assert {unquote(src) for src in page.images} == {"a.png.roundtrip.png", "sub dir/b #1.png.roundtrip.png"}
     for src in page.images:
         assert (Path(moved) / unquote(src)).is_file()
-    expected = [v for i in summary["images"] for v in (i["psnr"], i["ssim"])]
+    expected = [v for i in summary["images"] for v in (i["psnr"], i["ssim"], i["ciede2000"])]
     assert page.cells == pytest.approx(expected, abs=1e-4)
+    text = (Path(moved) / "index.html").read_text(encoding="utf-8")
+    for i in summary["images"]:  # each figure's caption says its colour difference
+        assert f"ΔE00 {i['ciede2000']:.2f}</figcaption>" in text
     # a file of someone else's named index.html is kept
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "index.html").write_text("mine")

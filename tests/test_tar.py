@@ -190,7 +190,7 @@ def test_roundtrip_reads_tar_shards(tmp_path, model):
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["images"][0]["path"] == str(tar / "d" / "k.png")
     blank = np.zeros((17, 33, 3), dtype=np.uint8)  # (the labelled picture of a 33x17 image has this size)
-    expected = side_by_side(blank, blank, 30.0, 0.9).shape[1::-1]
+    expected = side_by_side(blank, blank, 30.0, 0.9, 1.0).shape[1::-1]
     assert Image.open(tmp_path / "out" / "s.tar" / "d" / "k.png.roundtrip.png").size == expected
 
 

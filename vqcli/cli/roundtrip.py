@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
 from vqcli.cli._app import app, err_console, handle_errors, out_console, shown
 from vqcli.cli.common import (
@@ -27,6 +25,7 @@ from vqcli.cli.common import (
     settle_dtype,
     setup_device,
 )
+from vqcli.cli.quality import fill_mean, quality_table, scores
 from vqcli.cli.scale import FromManifestOpt, ManifestOpt, Scale, ShardOpt, run
 from vqcli.io.images import DEFAULT_MAX_PIXELS
 
@@ -34,10 +33,12 @@ HELP = help_text(
     """
     Encode and decode images in one go and measure the reconstruction.
 
-    For each image: PSNR (dB) and SSIM of the reconstruction against the original, both as 8-bit
-    RGB, and a side-by-side picture under OUTPUT (a.png -> a.png.roundtrip.png): original |
-    reconstruction | error map (absolute difference, 4x). A table of the metrics and their mean
-    follows the run; with --json they are in the summary object.
+    For each image: PSNR (dB), SSIM and the colour difference (ΔE00: mean CIEDE2000, about 2.3 is
+    just noticeable) of the reconstruction against the original, all on 8-bit RGB, and a
+    side-by-side picture under OUTPUT (a.png -> a.png.roundtrip.png): original | reconstruction |
+    error map (absolute difference, 4x). A table of the metrics and their mean follows the run;
+    with --json they are in the summary object, with each channel's mean bias ("bias": red, green, blue,
+    in levels of 255: a colour shift of wide regions shows there).
 
     Like encode, it reads tar shards (shard.tar/KEY.jpg -> OUTPUT/shard.tar/KEY.jpg.roundtrip.png)
     and runs in many processes under torchrun or with --shard I/N; rank 0 prints the table of all.
@@ -68,7 +69,7 @@ def roundtrip(
     from_manifest: FromManifestOpt = None,
     quiet: QuietOpt = False,
     progress: ProgressOpt = "auto",
-    gallery: Annotated[bool, typer.Option("--gallery/--no-gallery", help="Write OUTPUT/index.html: every picture, PSNR and SSIM, sortable, original or reconstruction alone.")] = True,
+    gallery: Annotated[bool, typer.Option("--gallery/--no-gallery", help="Write OUTPUT/index.html: every picture, PSNR, SSIM and ΔE00, sortable, original or reconstruction alone.")] = True,
     as_json: JsonOpt = False,
 ) -> None:
     from vqcli.checkpoints.load import model_ref, resolve_model
@@ -107,16 +108,13 @@ def roundtrip(
     def measured(results):
         for r in results:
             if r.status == DONE:
-                images.append({
-                    "path": str(r.input), "psnr": _round(r.info["psnr"]), "ssim": round(r.info["ssim"], 4),
-                    "picture": str(r.output), "width": r.info["width"], "height": r.info["height"],
-                })
-                _mean(images, mean)
+                images.append({"path": str(r.input), **scores(r.info), "picture": str(r.output), "width": r.info["width"], "height": r.info["height"]})
+                fill_mean(images, mean)
             yield r
 
     def combine(per_process: list[list[dict]]) -> None:  # every process's rows, for rank 0's table
         images[:] = [row for rows in per_process for row in rows]
-        _mean(images, mean)
+        fill_mean(images, mean)
 
     results = roundtrip_files(
         inputs or [], output, ae, dtype=torch_dtype, overwrite=overwrite, max_pixels=max_pixels or None, selection=selection
@@ -127,7 +125,7 @@ def roundtrip(
         if images and gallery and scale.main:
             _gallery(output, images, quiet)
         if images and not as_json and not quiet and scale.main:
-            out_console.print(_table(images, mean))
+            out_console.print(quality_table(images, mean))
 
 
 def _gallery(output: Path, images: list[dict], quiet: bool) -> None:
@@ -142,25 +140,3 @@ def _gallery(output: Path, images: list[dict], quiet: bool) -> None:
         err_console.print(shown(f"{output / 'index.html'}: not written, a file of someone else's is there"), style="red", soft_wrap=True, highlight=False)
     elif not quiet:
         err_console.print(f"gallery: {shown(written)}", highlight=False, soft_wrap=True)
-
-
-def _mean(images: list[dict], mean: dict) -> None:
-    if images:
-        mean["psnr"] = _round(sum(i["psnr"] for i in images) / len(images))
-        mean["ssim"] = round(sum(i["ssim"] for i in images) / len(images), 4)
-
-
-def _round(value: float) -> float:
-    return value if math.isinf(value) else round(value, 2)
-
-
-def _table(images: list[dict], mean: dict) -> Table:
-    table = Table(title="reconstruction quality")
-    table.add_column("image", overflow="fold")
-    table.add_column("PSNR (dB)", justify="right")
-    table.add_column("SSIM", justify="right")
-    for i in images:
-        table.add_row(shown(i["path"]), f"{i['psnr']:.2f}", f"{i['ssim']:.4f}")
-    table.add_section()
-    table.add_row("mean", f"{mean['psnr']:.2f}", f"{mean['ssim']:.4f}", style="bold")
-    return table

@@ -1,6 +1,6 @@
 """One self-contained ``index.html`` for a roundtrip's output folder: every image's labelled
-side-by-side picture, its PSNR and SSIM, a table sortable by either, and a toggle that shows the
-original or the reconstruction alone, full size.
+side-by-side picture, its PSNR, SSIM and mean CIEDE2000 colour difference (ΔE00), a table
+sortable by each, and a toggle that shows the original or the reconstruction alone, full size.
 
 The page links the pictures by paths relative to itself (no absolute path, no network, no
 script from elsewhere), so the folder can be moved, copied or served as it is.
@@ -93,7 +93,7 @@ def write_page(folder: Path, page: str) -> Path | None:
 
 def gallery_html(rows: list[dict], folder: Path, title: str = "vqcli roundtrip") -> str:
     """The page for ``rows`` (each: ``path`` the input, ``picture`` the side-by-side file,
-    ``width``, ``height``, ``psnr``, ``ssim``), to be written in ``folder``."""
+    ``width``, ``height``, ``psnr``, ``ssim``, ``ciede2000``), to be written in ``folder``."""
     table, figures = [], []
     for i, row in enumerate(rows):
         name = html.escape(str(row["path"]))
@@ -102,10 +102,11 @@ def gallery_html(rows: list[dict], folder: Path, title: str = "vqcli roundtrip")
         width, height = row["width"], row["height"]
         table.append(
             f'<tr data-fig="f{i}"><td><a href="#f{i}">{name}</a></td>'
-            f'<td data-v="{_number(psnr)}">{_text(psnr, 2)}</td><td data-v="{row["ssim"]:.6f}">{row["ssim"]:.4f}</td></tr>'
+            f'<td data-v="{_number(psnr)}">{_text(psnr, 2)}</td><td data-v="{row["ssim"]:.6f}">{row["ssim"]:.4f}</td>'
+            f'<td data-v="{row["ciede2000"]:.6f}">{row["ciede2000"]:.2f}</td></tr>'
         )
         figures.append(
-            f'<figure id="f{i}"><figcaption>{name}: PSNR {_text(psnr, 2)} dB, SSIM {row["ssim"]:.4f}</figcaption>'
+            f'<figure id="f{i}"><figcaption>{name}: PSNR {_text(psnr, 2)} dB, SSIM {row["ssim"]:.4f}, ΔE00 {row["ciede2000"]:.2f}</figcaption>'
             f'<img class="both" src="{src}" alt="{name}" loading="lazy">'
             f'<div class="view" style="width:{width}px;height:{height}px">'
             f'<img src="{src}" alt="{name}" data-shift="{width + GAP}" style="margin-top:-{CAPTION}px"></div></figure>'
@@ -116,7 +117,7 @@ def gallery_html(rows: list[dict], folder: Path, title: str = "vqcli roundtrip")
 <label><input type="radio" name="show" onclick="show('original')"> original</label>
 <label><input type="radio" name="show" onclick="show('reconstruction')"> reconstruction</label></p>
 <table id="scores"><thead><tr><th>image</th><th onclick="sortBy(1)">PSNR (dB) &#x21C5;</th>
-<th onclick="sortBy(2)">SSIM &#x21C5;</th></tr></thead><tbody>
+<th onclick="sortBy(2)">SSIM &#x21C5;</th><th onclick="sortBy(3)">ΔE00 &#x21C5;</th></tr></thead><tbody>
 {chr(10).join(table)}
 </tbody></table>
 <div id="figures">

@@ -1,9 +1,10 @@
 """Encode and decode in one go, and measure what came back.
 
-For each image: PSNR and SSIM of the reconstruction against the original (both as 8-bit RGB, the
-way a user sees them), and a labelled side-by-side PNG: original | reconstruction | error map (absolute
-difference amplified 4x), with PSNR and SSIM (``vqcli.pipeline.pictures``). Prints nothing; yields one ``FileResult`` per image with the metrics in
-its ``info``.
+For each image: PSNR, SSIM, the mean CIEDE2000 colour difference and the mean bias of each
+channel of the reconstruction against the original (all on 8-bit RGB, the way a user sees them),
+and a labelled side-by-side PNG: original | reconstruction | error map (absolute difference
+amplified 4x), with the metrics (``vqcli.pipeline.pictures``). Prints nothing; yields one
+``FileResult`` per image with the metrics in its ``info``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from vqcli.errors import FileError
 from vqcli.io.images import DEFAULT_MAX_PIXELS, save_image, to_uint8, written_by_vqcli
-from vqcli.metrics import psnr, ssim
+from vqcli.metrics import channel_bias, ciede2000, psnr, ssim
 from vqcli.model.autoencoder import AutoEncoder
 from vqcli.pipeline.batching import each_job
 from vqcli.pipeline.decode import decode_array
@@ -42,6 +43,18 @@ def roundtrip_image(
     """The reconstruction of one (H, W, 3) [0, 1] image, as uint8 (``budget``: as ``encode_array``'s)."""
     latent = encode_array(model, rgb, dtype=dtype, budget=budget)
     return to_uint8(decode_array(model, latent, rgb.shape[0], rgb.shape[1], dtype=dtype, budget=budget))
+
+
+def measure(original: np.ndarray, reconstruction: np.ndarray) -> dict:
+    """The quality of a uint8 reconstruction of a uint8 original: ``psnr`` (dB), ``ssim``,
+    ``ciede2000`` (mean, of the images read as sRGB) and ``bias`` ([r, g, b] mean levels of 255)."""
+    a, b = original.astype(np.float64), reconstruction.astype(np.float64)
+    return {
+        "psnr": psnr(a, b, data_range=255.0),
+        "ssim": ssim(a, b, data_range=255.0),
+        "ciede2000": ciede2000(a / 255.0, b / 255.0),
+        "bias": list(channel_bias(a / 255.0, b / 255.0)),
+    }
 
 
 def roundtrip_files(
@@ -80,9 +93,8 @@ def _one(
     info = {
         "width": int(rgb.shape[1]),
         "height": int(rgb.shape[0]),
-        "psnr": psnr(original.astype(np.float64), reconstruction.astype(np.float64), data_range=255.0),
-        "ssim": ssim(original.astype(np.float64), reconstruction.astype(np.float64), data_range=255.0),
+        **measure(original, reconstruction),
         **image_notes(details),
     }
-    save_image(side_by_side(original, reconstruction, info["psnr"], info["ssim"]), job.output, overwrite=overwrite)
+    save_image(side_by_side(original, reconstruction, info["psnr"], info["ssim"], info["ciede2000"]), job.output, overwrite=overwrite)
     return FileResult(job.input, job.output, DONE, info=info, job=job)
