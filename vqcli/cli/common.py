@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from pathlib import Path
 from collections.abc import Callable
 from typing import Annotated, Any, Optional
 
@@ -425,6 +426,21 @@ def stopped(report: RunReport, e: StopRun) -> None:
         highlight=False,
         soft_wrap=True,
     )
+
+
+def write_gallery_reported(page: Path, write: Callable[[], Path | None], quiet: bool) -> Path | None:
+    """Write a gallery (``page`` its path, ``write`` what writes it and returns None when a file of
+    someone else's is there) and say on stderr where it went, or why not; never fails the run."""
+    try:
+        written = write()
+    except OSError as e:
+        err_console.print(shown(f"{page}: cannot write the gallery ({e.strerror or e})"), style="red", soft_wrap=True, highlight=False)
+        return None
+    if written is None:
+        err_console.print(shown(f"{page}: not written, a file of someone else's is there"), style="red", soft_wrap=True, highlight=False)
+    elif not quiet:
+        err_console.print(f"gallery: {shown(written)}", highlight=False, soft_wrap=True)
+    return written
 
 
 def epilog(*examples: str) -> str:

@@ -22,6 +22,7 @@ from vqcli.cli.common import (
     help_text,
     settle_dtype,
     setup_device,
+    write_gallery_reported,
 )
 from vqcli.io.images import DEFAULT_MAX_PIXELS
 
@@ -35,7 +36,8 @@ HELP = help_text(
     features.safetensors: every layer's feature map (C, H, W), keys like encoder.conv_in,
     encoder.down0_block0, decoder.up1_block0 (--save-dtype float16 halves the size);
     layers/KEY.png: the layer's most active channels (largest mean |activation|) as a labelled
-    grid; overview.png: all layers side by side.
+    grid; overview.png: all layers side by side; index.html (unless --no-gallery): a page with the
+    input, the overview, a table of the layers sortable by any column, and every layer's picture.
 
     Prints a table of each layer's shape, mean, std, min and max (or JSON with --json).
     """
@@ -62,6 +64,7 @@ def features(
     save_dtype: Annotated[str, typer.Option("--save-dtype", help="Dtype of the saved maps: float32, float16 or bfloat16.")] = "float32",
     dtype: Annotated[str, typer.Option("--dtype", help="Compute precision, as for every command: float32, bfloat16, float16 or auto.")] = "float32",
     channels: Annotated[int, typer.Option("--channels", min=1, help="Channels shown per layer picture.")] = 16,
+    gallery: Annotated[bool, typer.Option("--gallery/--no-gallery", help="Write OUTPUT/index.html: the input, the overview, every layer's picture and numbers, sortable.")] = True,
     device: DeviceOpt = "auto",
     preset: PresetOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
@@ -83,6 +86,7 @@ def features(
         save_png,
         select_layers,
     )
+    from vqcli.pipeline.features_gallery import drop_gallery, write_features_gallery
     from vqcli.speed.devices import DTYPES
 
     if save_dtype not in DTYPES:
@@ -116,6 +120,15 @@ def features(
         save_png(layer_grid(key, t, channels=channels), png, overwrite=True)
         rows.append({"layer": key, **layer_stats(t), "png": str(png)})
     save_png(overview(maps), out / "overview.png", overwrite=True)
+    page = None
+    if gallery:
+        page = write_gallery_reported(
+            out / "index.html",
+            lambda: write_features_gallery(out, rows, image=image, rgb=rgb, overview=out / "overview.png", model=model_ref(model).name),
+            quiet or as_json,
+        )
+    else:
+        drop_gallery(out)
 
     if as_json:
         summary = {
@@ -127,6 +140,7 @@ def features(
             "overview": str(out / "overview.png"),
             "save_dtype": save_dtype,
             "dtype": dtype_name(torch_dtype),
+            "gallery": None if page is None else str(page),
             "layers": rows,
         }
         print_json("features", True, summary)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from vqcli.cli._app import app, err_console, handle_errors, out_console, shown
+from vqcli.cli._app import app, handle_errors, out_console
 from vqcli.cli.common import (
     DeviceOpt,
     DtypeOpt,
@@ -24,6 +24,7 @@ from vqcli.cli.common import (
     left_out_of,
     settle_dtype,
     setup_device,
+    write_gallery_reported,
 )
 from vqcli.cli.quality import fill_mean, quality_table, scores
 from vqcli.cli.scale import FromManifestOpt, ManifestOpt, Scale, ShardOpt, run
@@ -131,12 +132,4 @@ def roundtrip(
 def _gallery(output: Path, images: list[dict], quiet: bool) -> None:
     from vqcli.pipeline.gallery import write_gallery
 
-    try:
-        written = write_gallery(output, images)
-    except OSError as e:
-        err_console.print(shown(f"{output / 'index.html'}: cannot write the gallery ({e.strerror or e})"), style="red")
-        return
-    if written is None:
-        err_console.print(shown(f"{output / 'index.html'}: not written, a file of someone else's is there"), style="red", soft_wrap=True, highlight=False)
-    elif not quiet:
-        err_console.print(f"gallery: {shown(written)}", highlight=False, soft_wrap=True)
+    write_gallery_reported(output / "index.html", lambda: write_gallery(output, images), quiet)
