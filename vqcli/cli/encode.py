@@ -39,6 +39,7 @@ from vqcli.cli.scale import (
     TarOutputOpt,
     run,
 )
+from vqcli.io.frames import DEFAULT_MAX_FRAMES
 from vqcli.io.images import DEFAULT_MAX_PIXELS
 
 HELP = help_text(
@@ -51,7 +52,11 @@ HELP = help_text(
     latent files are kept (the run resumes) unless --overwrite.
 
     Every image is read as RGB: EXIF orientation applied, transparency composited over white,
-    animated images by their first frame. It is padded on the right and bottom to a multiple of
+    animated images by their first frame (with a note), or with --all-frames frame by frame:
+    anim.gif -> anim.gif.frame0000.safetensors, anim.gif.frame0001.safetensors, ... (each frame
+    whole, as a viewer shows it; the latent records frame, frames and frame_duration_ms; a still
+    image gives its usual single file; a file of more than --max-frames frames fails; a damaged
+    frame fails naming it, the frames before it kept). It is padded on the right and bottom to a multiple of
     the model's downsampling factor by mirroring, and its original size is recorded, so that
     'vqcli decode' gives back exactly that size.
 
@@ -103,6 +108,8 @@ def encode(
     flip: Annotated[bool, typer.Option("--flip", help="Also store the latent of the horizontally flipped image (latent_flipped).", rich_help_panel="Training sets")] = False,
     posterior: Annotated[bool, typer.Option("--posterior", help="KL models: store the mean and the log-variance (latent_logvar), so that a trainer can sample.", rich_help_panel="Training sets")] = False,
     latent_dtype: Annotated[str, typer.Option("--latent-dtype", help="KL models: the stored dtype: float32, float16 or bfloat16 (computation keeps --dtype).", rich_help_panel="Training sets")] = "float32",
+    all_frames: Annotated[bool, typer.Option("--all-frames", help="Animated images (GIF, APNG, WebP, multi-page TIFF): a latent per frame, anim.gif -> anim.gif.frame0000.safetensors, ... (default: the first frame only, with a note).")] = False,
+    max_frames: Annotated[int, typer.Option("--max-frames", min=0, help="With --all-frames: a file of more frames fails, before any is decoded (0: no limit).")] = DEFAULT_MAX_FRAMES,
     layout: Annotated[str, typer.Option("--layout", help="Files for: vqcli (.safetensors), kohya (sd-scripts' .npz latent cache) or comfyui (.latent).", rich_help_panel="Training sets")] = "vqcli",
     preset: PresetOpt = None,
     subfolder: SubfolderOpt = None,
@@ -157,6 +164,8 @@ def encode(
         io_threads=io_threads,
         compile=compile,
         tar_output=tar_output,
+        all_frames=all_frames,
+        max_frames=max_frames or None,
     )
     selection = scale.selection()
     results = encode_files(inputs or [], output, ae, ref, dtype=torch_dtype, options=options, selection=selection)

@@ -34,7 +34,7 @@ HELP = help_text(
 )
 
 # The fields shown, in order, for people; --json has everything.
-_LATENT_ROWS = ("type", "source", "size", "padded", "model", "model_sha256", "kind", "representation", "scaled",
+_LATENT_ROWS = ("type", "source", "frame", "size", "padded", "model", "model_sha256", "kind", "representation", "scaled",
                 "scale_factor", "shift_factor", "seed", "tensor", "stats", "config")
 _MODEL_ROWS = ("type", "format", "ignored_keys", "model", "config", "downsampling", "latent_channels", "parameters", "tensors", "dtypes")
 
@@ -84,6 +84,9 @@ def _table(d: dict) -> Table:
         view["model"] = f"{d['model']} ({'embedded' if d['model_embedded'] else 'weights file'})"
         view["tensor"] = f"latent {tuple(d['tensor']['shape'])} {d['tensor']['dtype']}"
         view["config"] = _short_config(d["config"])
+        if "frame" in d:  # one frame of an animated image (encode --all-frames)
+            shown_ms = f", shown {d['frame_duration_ms']} ms" if "frame_duration_ms" in d else ""
+            view["frame"] = f"{d['frame']} of {d['frames']} (from 0){shown_ms}"
         rows = _LATENT_ROWS
     elif d["type"] in ("weights", "checkpoint"):
         view = dict(d)

@@ -4,7 +4,7 @@ Reading always gives RGB as float32 in [0, 1], shape (H, W, 3), whatever the fil
 
 - EXIF orientation is applied, so the image is upright as viewers show it;
 - animated images (GIF, APNG, WebP, multi-page TIFF) give their first frame (``details["frames"]``
-  says how many there were);
+  says how many there were; ``vqcli.io.frames`` reads them all, one at a time);
 - an embedded ICC colour profile other than sRGB is converted to sRGB by Pillow's ``ImageCms``
   (relative colorimetric); ``details["icc_profile"]`` names the source profile;
 - AVIF is read where this Pillow reads it; HEIC/HEIF where ``pillow-heif`` is installed (the extra
@@ -162,10 +162,8 @@ def _load(source: Path | io.BytesIO, path: Path, max_pixels: int | None, details
                 if frames > 1:
                     details["frames"] = frames
                 im.seek(0)
-                im.load()
                 # a container (an ICO's embedded PNG) may hold a larger image than its header said
-                _check_size(path, im.size, max_pixels)
-                return pil_to_rgb(im, details)
+                return decoded(im, path, max_pixels, details)
     except FileError:
         raise
     except IsADirectoryError:
@@ -187,10 +185,39 @@ def _load(source: Path | io.BytesIO, path: Path, max_pixels: int | None, details
                 path, f"an image in the {other} format, which vqcli does not read (it reads {', '.join(READ_FORMATS)})"
             ) from None
         raise FileError(path, "not an image (or a format Pillow cannot read)") from None
-    except Image.DecompressionBombError as e:
-        raise FileError(path, f"{first_line(e)}; raise the limit with --max-pixels") from None
-    except _DECODER_ERRORS as e:
-        raise FileError(path, f"cannot decode image ({first_line(e)[:200]})") from None
+    except (Image.DecompressionBombError, *_DECODER_ERRORS) as e:
+        raise decoding_error(path, e) from None
+
+
+DECODING_ERRORS = (Image.DecompressionBombError, *_DECODER_ERRORS)  # what a decoder raises on a damaged file
+
+
+def decoding_error(path: Path, e: BaseException) -> FileError:
+    """The one-line ``FileError`` of one of ``DECODING_ERRORS`` raised while decoding ``path``."""
+    if isinstance(e, Image.DecompressionBombError):
+        return FileError(path, f"{first_line(e)}; raise the limit with --max-pixels")
+    return FileError(path, f"cannot decode image ({first_line(e)[:200]})")
+
+
+@contextlib.contextmanager
+def opened(source: Path | io.BytesIO, path: Path, max_pixels: int | None):
+    """An image file (or bytes) opened, its header only parsed, under ``load_image``'s checks: not
+    a pipe or device, one of ``READ_FORMATS``, not over ``max_pixels``, Pillow's warnings off
+    while it is open. Errors as Pillow raises them (``load_image`` says them in one line)."""
+    if isinstance(source, Path):
+        _refuse_special(source)
+    _allow_pillow(max_pixels)
+    with _pillow_warnings_off(), _open_unchecked(source) as im:
+        _check_size(path, im.size, max_pixels)
+        yield im
+
+
+def decoded(im: Image.Image, path: Path, max_pixels: int | None, details: dict | None = None) -> np.ndarray:
+    """The frame ``im`` is at (after ``seek``), decoded and read as ``load_image`` reads an image
+    (``pil_to_rgb``), its size checked again (a container may hold more than its header said)."""
+    im.load()
+    _check_size(path, im.size, max_pixels)
+    return pil_to_rgb(im, details)
 
 
 def _brand(source: Path | io.BytesIO) -> bytes | None:

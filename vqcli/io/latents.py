@@ -25,6 +25,9 @@ strings, as safetensors requires) says everything ``decode`` needs:
                     ``seed`` the draw's seed (``sample`` only); ``dtype`` the tensor's dtype
 ``icc_profile``     the name of the image's colour profile, converted to sRGB before encoding
                     (only for images that had one other than sRGB)
+``frame``           with ``encode --all-frames``, of an animated image: the frame's index (from 0),
+                    ``frames`` the file's frame count, ``frame_duration_ms`` how long it is shown
+                    (where the format says)
 ==================  ==========================================================================
 
 Every field is checked on reading (types, ranges, shapes against the config, index range, finite
@@ -116,6 +119,8 @@ class LatentMeta:
     crop_top_left: tuple[int, int] = (0, 0)  # (top, left) of the crop in the resized image
     bucket: bool = False  # the size (height, width) is an aspect-ratio bucket (--buckets)
     icc_profile: str | None = None  # the colour profile the image was converted to sRGB from
+    frame: tuple[int, int] | None = None  # (index, count): one frame of an animated image (--all-frames)
+    frame_duration_ms: int | None = None  # how long that frame is shown
 
     @property
     def kind(self) -> str:
@@ -167,6 +172,10 @@ class LatentMeta:
             meta["bucket"] = "true"
         if self.icc_profile is not None:
             meta["icc_profile"] = self.icc_profile
+        if self.frame is not None:
+            meta["frame"], meta["frames"] = str(self.frame[0]), str(self.frame[1])
+            if self.frame_duration_ms is not None:
+                meta["frame_duration_ms"] = str(self.frame_duration_ms)
         return meta
 
     def to_json(self) -> dict:
@@ -229,6 +238,8 @@ def make_meta(
     bucket: bool = False,
     dtype: str | None = None,
     icc_profile: str | None = None,
+    frame: tuple[int, int] | None = None,
+    frame_duration_ms: int | None = None,
 ) -> LatentMeta:
     """The metadata for a latent of a ``width`` x ``height`` image made by ``model``."""
     c = model.config
@@ -255,6 +266,8 @@ def make_meta(
         crop_top_left=crop_top_left,
         bucket=bucket,
         icc_profile=_utf8(icc_profile[:256]) if icc_profile else None,
+        frame=frame,
+        frame_duration_ms=frame_duration_ms if frame is not None else None,
     )
 
 
@@ -414,6 +427,11 @@ def parse_meta(path: Path, metadata: dict[str, str]) -> LatentMeta:
     if kind == "vq" and scaled:
         raise FileError(path, "a VQ latent (codebook indices) cannot be scaled")
     seed = integer("seed", 0, 2**63 - 1) if "seed" in metadata else None
+    frame = None
+    if "frame" in metadata:
+        count = integer("frames", 1, 999_999_999)
+        frame = (integer("frame", 0, count - 1), count)
+    duration = integer("frame_duration_ms", 0, 999_999_999) if frame is not None and "frame_duration_ms" in metadata else None
     name = field("model")
     if not name or len(name) > 255:
         raise FileError(path, "latent metadata model name is empty or too long")
@@ -439,6 +457,8 @@ def parse_meta(path: Path, metadata: dict[str, str]) -> LatentMeta:
         crop_top_left=_pair(path, metadata, "crop_top_left", 0) if "crop_top_left" in metadata else (0, 0),
         bucket=metadata.get("bucket") == "true",
         icc_profile=_optional(metadata, "icc_profile", 256),
+        frame=frame,
+        frame_duration_ms=duration,
     )
 
 

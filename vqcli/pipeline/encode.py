@@ -24,6 +24,8 @@ from vqcli.io.geometry import Fit
 from vqcli.io.padding import pad_to_multiple, to_model_input
 from vqcli.model.autoencoder import AutoEncoder
 from vqcli.pipeline.batching import Item, _compute_and_write, _run, _write, checked, each_job
+from vqcli.io.frames import DEFAULT_MAX_FRAMES
+from vqcli.pipeline.frames import drop_pixels, frame_jobs
 from vqcli.pipeline.encode_image import Shape, derive_seed, encode_fn, prepare_image, split
 from vqcli.pipeline.jobs import check_inputs, encoded_name
 from vqcli.pipeline.provenance import input_stamp, recipe_text, stale_reason
@@ -54,13 +56,17 @@ class EncodeOptions:
     posterior: bool = False  # KL: the mean and the log-variance
     latent_dtype: str = "float32"  # KL: the stored dtype (float32, float16, bfloat16)
     layout: str = "vqcli"  # the files written: vqcli, kohya or comfyui
+    all_frames: bool = False  # an animated image gives a latent per frame (pipeline.frames)
+    max_frames: int | None = DEFAULT_MAX_FRAMES  # with all_frames: files of more frames fail (None: no limit)
 
     @property
     def shape(self) -> Shape:
         return Shape(fit=self.fit, crop_seed=self.seed or 0, flip=self.flip, posterior=self.posterior)
 
-    def recipe(self, model: AutoEncoder) -> dict:
-        """What decides a latent besides its image: recorded in it, compared on resume."""
+    def recipe(self, model: AutoEncoder, frame: bool = False) -> dict:
+        """What decides a latent besides its image: recorded in it, compared on resume. ``frame``:
+        the latent of one frame of an animated image (a still image's recipe is the same with or
+        without --all-frames, as its latent is)."""
         c = model.config
         recipe = {
             "model_sha256": model.identity(),
@@ -81,6 +87,8 @@ class EncodeOptions:
             recipe["latent_dtype"] = self.latent_dtype
         if self.layout != "vqcli":
             recipe["layout"] = self.layout
+        if frame:
+            recipe["all_frames"] = True
         return recipe
 
 
@@ -119,6 +127,9 @@ def encode_files(
 
 def _encode_stream(jobs, model, ref, seed, batch_size, dtype, options, put=None) -> Iterator[FileResult]:
     """Load, batch, encode and write the images of ``jobs`` (into files, or with ``put``)."""
+    if options.all_frames:
+        name = functools.partial(trainer_files.output_name, options.layout)
+        jobs = frame_jobs(jobs, name, max_pixels=options.max_pixels, max_frames=options.max_frames)
     stream = each_job(
         jobs,
         lambda job: prepare_image(job, model, max_pixels=options.max_pixels, shape=options.shape),
@@ -126,19 +137,21 @@ def _encode_stream(jobs, model, ref, seed, batch_size, dtype, options, put=None)
         ours=trainer_files.is_ours,
         workers=options.io_threads,
         ahead=2 * batch_size + 1,
-        stale=functools.partial(_stale, expected=options.recipe(model)),
+        stale=functools.partial(_stale, recipe=functools.partial(options.recipe, model)),
     )
 
     def how(batch: list[Item]):
         kind, shape = model.config.kind, options.shape
         if not options.sample:
             return encode_fn(kind, sample=False, scaled=options.scaled, seed=None, shape=shape), dtype
-        image_seed = derive_seed(seed, batch[0].job.rel)
+        job = batch[0].job  # (each frame of an animated image its own draw)
+        image_seed = derive_seed(seed, job.rel if job.frame is None else job.rel.with_name(job.output.name))
         batch[0].info["seed"] = image_seed
         return encode_fn(kind, sample=True, scaled=options.scaled, seed=image_seed, shape=shape), dtype
 
     finish = functools.partial(_finish_encode, ref=ref, options=options, put=put)
-    yield from _compute_and_write(stream, batch_size, how, finish, options)
+    for result in _compute_and_write(stream, batch_size, how, finish, options):
+        yield drop_pixels(result)
 
 
 def _encode_into_tar(tar: TarJob, model, ref, seed, batch_size, dtype, options) -> Iterator[FileResult]:
@@ -185,9 +198,9 @@ def _write_bytes(path: Path, layout: str, tensor, meta, extras, overwrite: bool)
         f.write(data)
 
 
-def _stale(job: Job, out: Path, expected: dict) -> str | None:
-    stamp, recipe = trainer_files.read_provenance(out)
-    return stale_reason(input_stamp(job), expected, stamp, recipe)
+def _stale(job: Job, out: Path, recipe) -> str | None:
+    stamp, found = trainer_files.read_provenance(out)
+    return stale_reason(input_stamp(job), recipe(frame=job.frame is not None), stamp, found)
 
 
 def check_encode_options(model: AutoEncoder, options: EncodeOptions) -> None:
@@ -207,6 +220,13 @@ def check_encode_options(model: AutoEncoder, options: EncodeOptions) -> None:
         raise UsageError("--layout kohya writes numpy arrays, which have no bfloat16: use float16 or float32")
     if options.layout != "vqcli" and options.tar_output:
         raise UsageError("--tar-output writes vqcli's layout only")
+    if options.all_frames and options.layout == "kohya":
+        raise UsageError(
+            "--all-frames does not go with --layout kohya: sd-scripts finds a latent by its image file's name, "
+            "and frames have no files of their own (use --layout vqcli or comfyui, or extract the frames first)"
+        )
+    if options.max_frames is not None and options.max_frames < 0:
+        raise UsageError("--max-frames must be 0 (no limit) or more")
     if options.latent_dtype not in lat.FLOAT_DTYPES:
         raise UsageError(f"--latent-dtype must be one of {', '.join(lat.FLOAT_DTYPES)}")
 
@@ -227,15 +247,18 @@ def _finish_encode(item: Item, out, redone: bool, ref: ModelRef, options: Encode
         scaled=options.scaled,
         seed=item.info.get("seed"),
         input_stamp=input_stamp(job),
-        recipe=recipe_text(options.recipe(model)),
+        recipe=recipe_text(options.recipe(model, frame=job.frame is not None)),
         original_size=item.info.get("original_size"),
         crop_top_left=item.info.get("crop_top_left", (0, 0)),
         bucket=item.info.get("bucket", False),
         dtype=options.latent_dtype,
         icc_profile=item.info.get("icc_profile"),
+        frame=(job.frame.index, job.frame.count) if job.frame is not None else None,
+        frame_duration_ms=job.frame.duration_ms if job.frame is not None else None,
     )
     tensor, extras = split(out[0], model.config.kind, options.shape)
-    info = {k: v for k, v in item.info.items() if k in ("width", "height", "seed", "note", "icc_profile")}
+    kept = ("width", "height", "seed", "note", "icc_profile", "frame", "frames", "frame_duration_ms")
+    info = {k: v for k, v in item.info.items() if k in kept}
     if put is not None:
         return _write(job, lambda: put(job, latent_bytes(tensor, meta, extras)), redone, info)
     if options.layout != "vqcli":

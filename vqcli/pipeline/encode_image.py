@@ -73,10 +73,19 @@ def prepare_array(rgb: np.ndarray, model: AutoEncoder, shape: Shape = Shape(), r
 def prepare_image(
     job: Job, model: AutoEncoder, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, shape: Shape = Shape()
 ) -> Item:
-    """Load an image, bring it to its size and pad it to the model's factor (see ``prepare_array``)."""
-    details: dict = {}
-    x, info = prepare_array(load_job_image(job, max_pixels=max_pixels, details=details), model, shape, job.rel)
-    return Item(job, x, key=tuple(x.shape), model=model, info={**info, **image_notes(details)})
+    """Load an image (or take the frame a job holds: ``encode --all-frames``), bring it to its size
+    and pad it to the model's factor (see ``prepare_array``)."""
+    frame = job.frame
+    if frame is not None:
+        details, rgb = dict(frame.details), frame.rgb
+    else:
+        details = {}
+        rgb = load_job_image(job, max_pixels=max_pixels, details=details)
+    x, info = prepare_array(rgb, model, shape, job.rel)
+    info.update(image_notes(details))
+    if frame is not None:
+        info.update(frame.describe())
+    return Item(job, x, key=tuple(x.shape), model=model, info=info)
 
 
 def image_notes(details: dict) -> dict:

@@ -39,6 +39,7 @@ class Job:
     output: Path
     size: int = -1  # bytes of the input (-1: not looked up)
     block: int = 0  # items of different blocks never share a batch (see ``number_blocks``)
+    frame: Any = field(default=None, repr=False, compare=False)  # one frame of an animated image (io.frames.Frame; --all-frames)
 
 
 @dataclass(frozen=True)
