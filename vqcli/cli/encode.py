@@ -56,7 +56,8 @@ HELP = help_text(
     anim.gif -> anim.gif.frame0000.safetensors, anim.gif.frame0001.safetensors, ... (each frame
     whole, as a viewer shows it; the latent records frame, frames and frame_duration_ms; a still
     image gives its usual single file; a file of more than --max-frames frames fails; a damaged
-    frame fails naming it, the frames before it kept). It is padded on the right and bottom to a multiple of
+    frame fails naming it, the frames before it kept; --overwrite also removes the frame files an
+    earlier version of the image had beyond its frame count). It is padded on the right and bottom to a multiple of
     the model's downsampling factor by mirroring, and its original size is recorded, so that
     'vqcli decode' gives back exactly that size.
 

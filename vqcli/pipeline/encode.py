@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import os
@@ -129,7 +130,8 @@ def _encode_stream(jobs, model, ref, seed, batch_size, dtype, options, put=None)
     """Load, batch, encode and write the images of ``jobs`` (into files, or with ``put``)."""
     if options.all_frames:
         name = functools.partial(trainer_files.output_name, options.layout)
-        jobs = frame_jobs(jobs, name, max_pixels=options.max_pixels, max_frames=options.max_frames)
+        leftover = _remove_ours if options.overwrite and put is None else None
+        jobs = frame_jobs(jobs, name, max_pixels=options.max_pixels, max_frames=options.max_frames, leftover=leftover)
     stream = each_job(
         jobs,
         lambda job: prepare_image(job, model, max_pixels=options.max_pixels, shape=options.shape),
@@ -196,6 +198,13 @@ def _write_bytes(path: Path, layout: str, tensor, meta, extras, overwrite: bool)
     data = trainer_files.layout_bytes(layout, tensor, meta, extras)
     with atomic_path(path, overwrite=overwrite) as tmp, open(tmp, "wb") as f:
         f.write(data)
+
+
+def _remove_ours(path: Path) -> None:
+    """A latent file of vqcli's (a frame an earlier version of its image had) removed; others kept."""
+    if path.is_file() and not path.is_symlink() and trainer_files.is_ours(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def _stale(job: Job, out: Path, recipe) -> str | None:

@@ -9,11 +9,14 @@ Frames are decoded here, in order and one at a time, as the jobs are drawn (``io
 animated file is opened once and each frame decoded once, and only the frames of the jobs in flight
 are held. A file of more than ``max_frames`` frames fails before any frame is decoded. A frame that
 cannot be decoded fails, naming the file and the frame; the frames before it keep their outputs
-(they are right), the ones after it are not tried.
+(they are right), the ones after it are not tried. Once every frame's job is out, ``leftover`` is
+given the outputs of frames past the file's count (all of them for a still image) that an earlier
+version of it left; with ``--overwrite`` the encoder removes those it wrote.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
@@ -39,6 +42,7 @@ def frame_jobs(
     *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     max_frames: int | None = None,
+    leftover: Callable[[Path], None] | None = None,
 ) -> Iterator[Job | FileResult]:
     """Each job of an animated image as a job per frame (``Job.frame`` holding its pixels), named
     by ``name`` (the layout's) from ``frame_name``; the jobs of still images, and all else, as they are."""
@@ -52,22 +56,23 @@ def frame_jobs(
                       "rename it, or encode it without --all-frames")
             yield FileResult(job.input, job.output, FAILED, reason, job=job)
             continue
-        yield from _frames_of(job, name, max_pixels, max_frames)
+        yield from _frames_of(job, name, max_pixels, max_frames, leftover)
 
 
-def _frames_of(job: Job, name, max_pixels: int | None, max_frames: int | None) -> Iterator[Job | FileResult]:
+def _frames_of(job: Job, name, max_pixels: int | None, max_frames: int | None, leftover) -> Iterator[Job | FileResult]:
     source = job.data if isinstance(job, MemberJob) else job.input
     with AnimatedImage(source, job.input, max_pixels=max_pixels) as anim:
         count = anim.count
+        folder = Path(job.output).parent
         if count == 1:
             anim.close()
             yield job
+            _leftovers(job, folder, name, 0, leftover)
             return
         if max_frames and count > max_frames:
             reason = f"{count:,} frames, over the limit of --max-frames {max_frames:,}; raise it with --max-frames (0: no limit)"
             yield FileResult(job.input, job.output, FAILED, reason, job=job)
             return
-        folder = Path(job.output).parent
         frames = anim.frames()
         for index in range(count):
             output = folder / name(frame_name(job.rel.name, index, count))
@@ -77,6 +82,18 @@ def _frames_of(job: Job, name, max_pixels: int | None, max_frames: int | None) -
                 yield FileResult(job.input, output, FAILED, e.reason, job=replace(job, output=output))
                 return
             yield replace(job, output=output, frame=frame)
+    _leftovers(job, folder, name, count, leftover)
+
+
+def _leftovers(job: Job, folder: Path, name, count: int, leftover) -> None:
+    """``leftover`` of the outputs of frames ``count``, ``count + 1``, ... of ``job``'s image that
+    an earlier version of it, of more frames, left (named as that version named them)."""
+    if leftover is None:
+        return
+    index = count
+    while os.path.lexists(path := folder / name(frame_name(job.rel.name, index, index + 1))):
+        leftover(path)
+        index += 1
 
 
 def drop_pixels(result: FileResult) -> FileResult:
