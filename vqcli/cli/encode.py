@@ -181,7 +181,8 @@ def encode(
     report = scale.report(
         "encode",
         verb="encoded",
-        count=lambda: count_selected(source, selection, size),
+        # (with --all-frames a file may give many results: how many is not known before it is read)
+        count=None if all_frames else (lambda: count_selected(source, selection, size)),
         quiet=quiet,
         progress=progress,
         left_out=None if (from_manifest or shard or scale.ctx.active) else left_out_of(inputs, output, 'an image or a tar shard'),
