@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -17,13 +16,13 @@ from vqcli.checkpoints.load import resolve_model, with_factors
 from vqcli.checkpoints.registry import EMBEDDED_MODELS, embedded_path, is_embedded
 from vqcli.errors import FileError, UsageError, VqcliError
 from vqcli.io import latents as lat
-from vqcli.io.images import DEFAULT_MAX_PIXELS, save_image, vqcli_mark, written_by_vqcli
+from vqcli.io.images import DEFAULT_MAX_PIXELS, save_image, written_by_vqcli
 from vqcli.io.padding import from_model_output
 from vqcli.io.trainer_files import read_any
 from vqcli.model.autoencoder import AutoEncoder
 from vqcli.pipeline.batching import Item, _compute_and_write, _run, _write, checked, each_job
 from vqcli.pipeline.jobs import check_inputs, decoded_name
-from vqcli.pipeline.provenance import input_stamp, recipe_text, stale_reason
+from vqcli.pipeline import provenance
 from vqcli.pipeline.results import FileResult, Job, _from_error
 from vqcli.pipeline.selection import Selection, block_size, latent_source, select_jobs
 from vqcli.speed.precision import choose_dtype
@@ -161,7 +160,7 @@ def decode_files(
         ours=written_by_vqcli,
         workers=options.io_threads,
         ahead=2 * options.batch_size + 1,
-        stale=functools.partial(_stale, expected=options.recipe()),
+        stale=functools.partial(provenance.image_stale, expected=options.recipe()),
     )
 
     def how(batch: list[Item]):
@@ -173,20 +172,8 @@ def decode_files(
 
 
 def image_mark(job: Job, options: DecodeOptions) -> str:
-    """What an image records of its making (in its EXIF, after ``vqcli``): the latent file's stamp
-    and the recipe."""
-    return recipe_text({"input": input_stamp(job), "recipe": options.recipe()})
-
-
-def _stale(job: Job, out: Path, expected: dict) -> str | None:
-    try:
-        found = json.loads(vqcli_mark(out) or "null")
-    except json.JSONDecodeError:
-        found = None
-    if not isinstance(found, dict):
-        found = {}
-    recipe = found.get("recipe")
-    return stale_reason(input_stamp(job), expected, found.get("input"), recipe_text(recipe) if recipe else None)
+    """What an image records of its making: the latent file's stamp and the recipe."""
+    return provenance.image_mark(job, options.recipe())
 
 
 def prepare_latent(job: Job, models: ModelChooser, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Item:

@@ -1,6 +1,9 @@
 """One self-contained ``index.html`` for a roundtrip's output folder: every image's labelled
 side-by-side picture, its PSNR, SSIM and mean CIEDE2000 colour difference (ΔE00), a table
 sortable by each, and a toggle that shows the original or the reconstruction alone, full size.
+A comparison of models gets ``compare.html`` (``COMPARE_NAME``): the same with the comparison
+pictures, a group of columns per model, and a toggle between the original and each model's
+reconstruction.
 
 The page links the pictures by paths relative to itself (no absolute path, no network, no
 script from elsewhere), so the folder can be moved, copied or served as it is.
@@ -19,6 +22,7 @@ from vqcli.pipeline.pictures import CAPTION, GAP
 
 GENERATOR = '<meta name="generator" content="vqcli gallery">'
 NAME = "index.html"
+COMPARE_NAME = "compare.html"
 
 _STYLE = """
 body { font-family: sans-serif; margin: 1em; }
@@ -41,10 +45,11 @@ function sortBy(col) {
   rows.forEach(r => figures.appendChild(document.getElementById(r.dataset.fig)));
   body.dataset.col = col; body.dataset.dir = dir == -1 ? 'down' : 'up';
 }
-function show(which) {
+function show(which) {  // 'both', 'original', 'reconstruction', or the index of a picture's panel
   document.body.classList.toggle('single', which != 'both');
+  const panel = which == 'reconstruction' ? 1 : (which == 'both' || which == 'original' ? 0 : Number(which));
   document.querySelectorAll('.view img').forEach(img => {
-    img.style.marginLeft = which == 'reconstruction' ? '-' + img.dataset.shift + 'px' : '0px';
+    img.style.marginLeft = '-' + panel * img.dataset.shift + 'px';
   });
 }
 """
@@ -79,10 +84,10 @@ def page_head(title: str, style: str, script: str) -> str:
     )
 
 
-def write_page(folder: Path, page: str) -> Path | None:
-    """Write ``page`` as ``folder/index.html``, atomically, replacing only a page of vqcli's; None
+def write_page(folder: Path, page: str, name: str = NAME) -> Path | None:
+    """Write ``page`` as ``folder/name``, atomically, replacing only a page of vqcli's; None
     (and nothing written) when a file of someone else's is there."""
-    path = Path(folder) / NAME
+    path = Path(folder) / name
     exists = os.path.lexists(path)
     if exists and not is_ours(path):
         return None
@@ -130,6 +135,59 @@ def write_gallery(folder: Path, rows: list[dict], title: str = "vqcli roundtrip"
     """Write ``folder/index.html`` (replacing only a gallery of vqcli's); None when a file of
     someone else's is there."""
     return write_page(folder, gallery_html(rows, Path(folder), title))
+
+
+def comparison_html(rows: list[dict], models: list[str], folder: Path, title: str = "vqcli roundtrip: models compared") -> str:
+    """The page of a comparison: ``rows`` (each: ``path``, ``picture`` the comparison picture,
+    ``width``, ``height``, ``scores``: a ``psnr``, ``ssim``, ``ciede2000`` dict per model in the
+    order of ``models``), to be written in ``folder``."""
+    table, figures = [], []
+    for i, row in enumerate(rows):
+        name = text(row["path"])
+        src = relative_src(row["picture"], folder)
+        width, height = row["width"], row["height"]
+        cells = "".join(
+            f'<td data-v="{_number(s["psnr"])}">{_text(s["psnr"], 2)}</td><td data-v="{s["ssim"]:.6f}">{s["ssim"]:.4f}</td>'
+            f'<td data-v="{s["ciede2000"]:.6f}">{s["ciede2000"]:.2f}</td>'
+            for s in row["scores"]
+        )
+        table.append(f'<tr data-fig="f{i}"><td><a href="#f{i}">{name}</a></td>{cells}</tr>')
+        caption = "; ".join(
+            f'{text(m)}: PSNR {_text(s["psnr"], 2)} dB, SSIM {s["ssim"]:.4f}, ΔE00 {s["ciede2000"]:.2f}'
+            for m, s in zip(models, row["scores"])
+        )
+        figures.append(
+            f'<figure id="f{i}"><figcaption>{name}: {caption}</figcaption>'
+            f'<img class="both" src="{src}" alt="{name}" loading="lazy">'
+            f'<div class="view" style="width:{width}px;height:{height}px">'
+            f'<img src="{src}" alt="{name}" data-shift="{width + GAP}" style="margin-top:-{CAPTION}px"></div></figure>'
+        )
+    groups = "".join(f'<th colspan="3">{text(m)}</th>' for m in models)
+    heads = "".join(
+        f'<th onclick="sortBy({1 + 3 * k + j})">{label} &#x21C5;</th>'
+        for k in range(len(models))
+        for j, label in enumerate(("PSNR (dB)", "SSIM", "ΔE00"))
+    )
+    toggles = "".join(
+        f'\n<label><input type="radio" name="show" onclick="show({k})"> {text(m)}</label>' for k, m in enumerate(models, start=1)
+    )
+    return f"""{page_head(title, _STYLE, _SCRIPT)}
+<body><h1>{text(title)}</h1>
+<p>Show: <label><input type="radio" name="show" checked onclick="show('both')"> side by side</label>
+<label><input type="radio" name="show" onclick="show('original')"> original</label>{toggles}</p>
+<table id="scores"><thead><tr><th></th>{groups}</tr><tr><th>image</th>{heads}</tr></thead><tbody>
+{chr(10).join(table)}
+</tbody></table>
+<div id="figures">
+{chr(10).join(figures)}
+</div></body></html>
+"""
+
+
+def write_comparison(folder: Path, rows: list[dict], models: list[str]) -> Path | None:
+    """Write ``folder/compare.html`` (replacing only a page of vqcli's); None when a file of
+    someone else's is there."""
+    return write_page(folder, comparison_html(rows, models, Path(folder)), COMPARE_NAME)
 
 
 def _number(value: float) -> str:

@@ -14,6 +14,7 @@ import json
 import os
 from typing import Any
 
+from vqcli.io.images import vqcli_mark
 from vqcli.pipeline.results import Job, MemberJob
 
 OVERWRITE_HINT = "--overwrite to replace"
@@ -54,6 +55,24 @@ def stale_reason(
     if expected_stamp is not None and found_stamp != expected_stamp:
         return f"exists, made from another version of the input (size or modification time differ): {OVERWRITE_HINT}"
     return None
+
+
+def image_mark(job: Job, recipe: dict[str, Any]) -> str:
+    """What an image records of its making (in its EXIF, after ``vqcli``, see ``save_image``): its
+    input's stamp and the recipe."""
+    return recipe_text({"input": input_stamp(job), "recipe": recipe})
+
+
+def image_stale(job: Job, out: os.PathLike, expected: dict[str, Any]) -> str | None:
+    """Why the image ``out`` (marked by ``image_mark``) is not what ``job`` with ``expected`` would make."""
+    try:
+        found = json.loads(vqcli_mark(out) or "null")
+    except json.JSONDecodeError:
+        found = None
+    if not isinstance(found, dict):
+        found = {}
+    recipe = found.get("recipe")
+    return stale_reason(input_stamp(job), expected, found.get("input"), recipe_text(recipe) if recipe else None)
 
 
 def _show(value: Any) -> str:
