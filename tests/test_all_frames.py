@@ -246,3 +246,14 @@ def test_overwrite_removes_the_frames_an_earlier_version_had(tmp_path, model_pat
     r = _encode(model_path, str(tmp_path / "in"), "-o", str(lat), "--all-frames", "--overwrite", "-q")
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in lat.iterdir()) == ["anim.gif.frame0001.safetensors", "anim.gif.safetensors", "notes.anim.gif.frame0003.safetensors"]
+
+
+def test_max_pixels_applies_to_frames_and_each_frame_gets_its_own_draw(tmp_path, model_path):
+    _save(tmp_path / "in" / "anim.gif", _frames())
+    r = _encode(model_path, str(tmp_path / "in"), "-o", str(tmp_path / "big"), "--all-frames", "--max-pixels", "500")
+    assert r.exit_code == 1 and "anim.gif: image is 26x20 = 520 pixels, over the limit of 500" in r.stderr
+    assert not (tmp_path / "big").exists() or not list((tmp_path / "big").iterdir())
+    r = _encode(model_path, str(tmp_path / "in"), "-o", str(tmp_path / "lat"), "--all-frames", "--sample", "--seed", "3", "-q")
+    assert r.exit_code == 0, r.output
+    seeds = {read_latent(p).meta.seed for p in (tmp_path / "lat").iterdir()}
+    assert len(seeds) == 3 and None not in seeds

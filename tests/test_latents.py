@@ -58,6 +58,18 @@ def test_kl_round_trip_and_plain_safetensors(tmp_path, kl_model):
     assert latent.meta.latent_shape == (4, 9, 17) and latent.meta.padding == (1, 1)
 
 
+def test_every_seed_a_draw_can_have_reads_back(tmp_path, kl_model):
+    """Seeds of --sample draws are 63-bit (derive_seed): the largest, 19 digits, reads back; one past it does not."""
+    meta = make_meta(kl_model, source="a.png", width=8, height=8, model_name="kl.safetensors", model_embedded=False,
+                     representation="sample", seed=2**63 - 1, frame=(2, 3), frame_duration_ms=40)
+    write_latent(tmp_path / "a.safetensors", torch.zeros(meta.latent_shape), meta)
+    back = read_latent(tmp_path / "a.safetensors").meta
+    assert (back.seed, back.frame, back.frame_duration_ms) == (2**63 - 1, (2, 3), 40)
+    _rewrite(tmp_path / "a.safetensors", extra={"seed": str(2**63)})
+    with pytest.raises(FileError, match="seed='9223372036854775808' is not an integer"):
+        read_latent(tmp_path / "a.safetensors")
+
+
 WRITE_IN_A_CHILD = """
 import sys, torch
 from vqcli import AutoEncoder, AutoEncoderConfig

@@ -370,7 +370,7 @@ def parse_meta(path: Path, metadata: dict[str, str]) -> LatentMeta:
 
     def integer(name: str, lo: int, hi: int) -> int:
         text = field(name)
-        if not re.fullmatch(r"[0-9]{1,9}", text) or not lo <= int(text) <= hi:
+        if not re.fullmatch(r"[0-9]{1,%d}" % len(str(hi)), text) or not lo <= int(text) <= hi:
             raise FileError(path, f"latent metadata {name}={text!r} is not an integer in [{lo}, {hi}]")
         return int(text)
 
