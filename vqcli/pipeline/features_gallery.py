@@ -20,7 +20,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vqcli.pipeline.gallery import NAME, is_ours, page_head, relative_src, text, write_page
+from vqcli.pipeline.gallery import (
+    NAME,
+    is_ours,
+    page_head,
+    relative_src,
+    text,
+    write_page,
+)
 
 PREVIEW = 512  # the embedded input's longer side at most, in pixels
 
