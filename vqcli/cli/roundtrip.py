@@ -88,7 +88,7 @@ def roundtrip(
     from_manifest: FromManifestOpt = None,
     quiet: QuietOpt = False,
     progress: ProgressOpt = "auto",
-    gallery: Annotated[bool, typer.Option("--gallery/--no-gallery", help="Write OUTPUT/index.html: every picture, PSNR, SSIM and ΔE00, sortable, original or reconstruction alone.")] = True,
+    gallery: Annotated[bool, typer.Option("--gallery/--no-gallery", help="Write OUTPUT/index.html (comparing models: OUTPUT/compare.html): every picture, PSNR, SSIM and ΔE00, sortable, original or each reconstruction alone.")] = True,
     as_json: JsonOpt = False,
 ) -> None:
     specs = model or ["default"]
