@@ -246,3 +246,61 @@ def test_features_gallery_renders_every_picture_and_sorts_by_each_column(tmp_pat
     (out / gone).unlink()
     result = browse(out / "index.html", "async () => null", tmp_path / "profile")
     assert not_loaded(result) == {gone}
+
+
+COMPARE_PROBE = """async () => {
+  const rows = () => Array.from(document.querySelectorAll('#scores tbody tr'));
+  const heads = Array.from(document.querySelectorAll('#scores thead th[onclick]'));
+  const sorted = {};
+  for (const [k, th] of heads.entries()) {
+    const read = () => ({values: rows().map(r => parseFloat(r.cells[1 + k].dataset.v)), rows: rows().map(r => r.dataset.fig),
+                         figures: Array.from(document.querySelectorAll('#figures figure')).map(f => f.id)});
+    th.click(); const first = read(); th.click(); sorted[k] = {first, second: read()};
+  }
+  const radio = text => Array.from(document.querySelectorAll('label')).find(l => l.textContent.trim() == text).querySelector('input');
+  const views = () => Object.fromEntries(Array.from(document.querySelectorAll('#figures figure')).map(f => {
+    const view = f.querySelector('.view'), box = view.getBoundingClientRect();
+    const img = view.querySelector('img').getBoundingClientRect();
+    return [f.id, {view: [box.width, box.height], at: [img.left - box.left, img.top - box.top]}];
+  }));
+  const shown = {};
+  for (const label of ['original', 'one.safetensors', 'two.safetensors']) { radio(label).click(); shown[label] = views(); }
+  return {heads: heads.length, sorted, shown};
+}"""
+
+
+def test_comparison_gallery_renders_sorts_by_each_models_columns_and_shows_each_model(tmp_path, model_file):
+    """compare.html of `roundtrip --model A --model B`: every picture, each of the 6 columns
+    (PSNR, SSIM, ΔE00 per model) sorts, and each model's reconstruction can be shown alone."""
+    torch.manual_seed(1)
+    two = tmp_path / "two.safetensors"
+    save_native(AutoEncoder(AutoEncoderConfig(kind="kl", ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4)), two)
+    one = tmp_path / "one.safetensors"
+    one.write_bytes(model_file.read_bytes())
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(7)
+    for k in range(3):
+        base = np.full((20 + 4 * k, 32, 3), 128, dtype=np.uint8)
+        Image.fromarray(np.clip(base + rng.normal(0, 4 + 20 * k, base.shape), 0, 255).astype(np.uint8)).save(inputs / f"{k}.png")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["roundtrip", str(inputs), "-o", str(out), "--model", str(one), "--model", str(two), "--json"])
+    assert r.exit_code == 0, r.output
+    models = json.loads(r.stdout)["models"]
+
+    result = browse(out / "compare.html", COMPARE_PROBE, tmp_path / "profile")
+    assert not_loaded(result) == set()
+    check_sizes(result, out)
+    probe = result["probe"]
+    assert probe["heads"] == 6
+    for k, clicked in probe["sorted"].items():
+        model, key = models[int(k) // 3], ("psnr", "ssim", "ciede2000")[int(k) % 3]
+        expected = {f"f{i}": image[key] for i, image in enumerate(model["images"])}
+        for state, descending in ((clicked["first"], True), (clicked["second"], False)):
+            assert dict(zip(state["rows"], state["values"])) == pytest.approx(expected, abs=1e-4)  # rows move whole
+            assert state["values"] == sorted(state["values"], reverse=descending)
+            assert state["figures"] == state["rows"]
+    for i, image in enumerate(models[0]["images"]):
+        w, h = image["width"], image["height"]
+        for panel, label in enumerate(("original", "one.safetensors", "two.safetensors")):
+            assert probe["shown"][label][f"f{i}"] == {"view": [w, h], "at": [-panel * (w + GAP), -CAPTION]}
