@@ -87,6 +87,9 @@ def test_each_frame_is_its_own_latent_equal_to_the_frame_encoded_alone(tmp_path,
         assert latent.meta.frame == (i, 3)
         assert latent.meta.frame_duration_ms == DURATIONS[i]
         assert latent.meta.source == f"anim.{ext}"
+    r = runner.invoke(app, ["info", str(tmp_path / "lat" / names[1]), "--json"])
+    (described,) = json.loads(r.stdout)["files"]
+    assert (described["frame"], described["frames"], described["frame_duration_ms"]) == (1, 3, DURATIONS[1])
     r = runner.invoke(app, ["decode", str(tmp_path / "lat"), "-o", str(tmp_path / "dec"), "-q", "--model", str(model_path)])
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (tmp_path / "dec").iterdir()) == [f"anim.{ext}.frame{i:04d}.png" for i in range(3)]

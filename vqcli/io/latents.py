@@ -196,6 +196,10 @@ class LatentMeta:
             config=self.config.to_dict(),
             latent_shape=list(self.latent_shape),
         )
+        if self.frame is not None:
+            d.update(frame=self.frame[0], frames=self.frame[1])
+            if self.frame_duration_ms is not None:
+                d["frame_duration_ms"] = self.frame_duration_ms
         return d
 
 

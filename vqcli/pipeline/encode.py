@@ -19,15 +19,15 @@ from vqcli.errors import FileError, UsageError
 from vqcli.io import latents as lat
 from vqcli.io import tarfiles as tario
 from vqcli.io import trainer_files
+from vqcli.io.frames import DEFAULT_MAX_FRAMES
 from vqcli.io.images import DEFAULT_MAX_PIXELS
 from vqcli.io.atomic import atomic_path
 from vqcli.io.geometry import Fit
 from vqcli.io.padding import pad_to_multiple, to_model_input
 from vqcli.model.autoencoder import AutoEncoder
 from vqcli.pipeline.batching import Item, _compute_and_write, _run, _write, checked, each_job
-from vqcli.io.frames import DEFAULT_MAX_FRAMES
-from vqcli.pipeline.frames import drop_pixels, frame_jobs
 from vqcli.pipeline.encode_image import Shape, derive_seed, encode_fn, prepare_image, split
+from vqcli.pipeline.frames import drop_pixels, frame_jobs, frame_name
 from vqcli.pipeline.jobs import check_inputs, encoded_name
 from vqcli.pipeline.provenance import input_stamp, recipe_text, stale_reason
 from vqcli.pipeline.results import FAILED, SKIPPED, FileResult, Job, MemberJob, TarJob, _from_error
@@ -146,8 +146,9 @@ def _encode_stream(jobs, model, ref, seed, batch_size, dtype, options, put=None)
         kind, shape = model.config.kind, options.shape
         if not options.sample:
             return encode_fn(kind, sample=False, scaled=options.scaled, seed=None, shape=shape), dtype
-        job = batch[0].job  # (each frame of an animated image its own draw)
-        image_seed = derive_seed(seed, job.rel if job.frame is None else job.rel.with_name(job.output.name))
+        job, frame = batch[0].job, batch[0].job.frame  # (each frame of an animated image its own draw)
+        rel = job.rel if frame is None else job.rel.with_name(frame_name(job.rel.name, frame.index, frame.count))
+        image_seed = derive_seed(seed, rel)
         batch[0].info["seed"] = image_seed
         return encode_fn(kind, sample=True, scaled=options.scaled, seed=image_seed, shape=shape), dtype
 
