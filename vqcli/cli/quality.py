@@ -21,14 +21,16 @@ def scores(info: dict) -> dict:
 
 
 def fill_mean(images: list[dict], mean: dict) -> None:
-    """``mean`` (in place): the mean of each score over ``images`` (the bias channel by channel)."""
+    """``mean`` (in place): the mean of each score over ``images`` (the bias channel by channel);
+    exactly summed (``math.fsum``), so the order of the images (one process or several) does not
+    change the last digit."""
     if not images:
         return
     n = len(images)
-    mean["psnr"] = _round(sum(i["psnr"] for i in images) / n)
-    mean["ssim"] = round(sum(i["ssim"] for i in images) / n, 4)
-    mean["ciede2000"] = round(sum(i["ciede2000"] for i in images) / n, 4)
-    mean["bias"] = [round(sum(i["bias"][c] for i in images) / n, 3) for c in range(3)]
+    mean["psnr"] = _round(math.fsum(i["psnr"] for i in images) / n)
+    mean["ssim"] = round(math.fsum(i["ssim"] for i in images) / n, 4)
+    mean["ciede2000"] = round(math.fsum(i["ciede2000"] for i in images) / n, 4)
+    mean["bias"] = [round(math.fsum(i["bias"][c] for i in images) / n, 3) for c in range(3)]
 
 
 def score_cells(s: dict) -> tuple[str, str, str]:

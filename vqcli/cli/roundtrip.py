@@ -40,7 +40,9 @@ HELP = help_text(
     side-by-side picture under OUTPUT (a.png -> a.png.roundtrip.png): original | reconstruction |
     error map (absolute difference, 4x). A table of the metrics and their mean follows the run;
     with --json they are in the summary object, with each channel's mean bias ("bias": red, green, blue,
-    in levels of 255: a colour shift of wide regions shows there).
+    in levels of 255: a colour shift of wide regions shows there). A re-run keeps a picture only
+    when it was made from the same input by the same model (weights and dtype); otherwise that image
+    fails saying why, and --overwrite replaces it.
 
     Like encode, it reads tar shards (shard.tar/KEY.jpg -> OUTPUT/shard.tar/KEY.jpg.roundtrip.png)
     and runs in many processes under torchrun or with --shard I/N; rank 0 prints the table of all.
@@ -51,11 +53,10 @@ HELP = help_text(
     reconstruction, labelled with the model's name, PSNR, SSIM and ΔE00 (no error maps); one table,
     a column per model: mean PSNR, SSIM, ΔE00, seconds of compute per image, then each image's
     PSNR; OUTPUT/compare.html, the gallery of the comparison (a one-model run's are
-    a.png.roundtrip.png and index.html, so the two never meet). A comparison picture is kept by a
-    re-run only when it compares the same models (weights and dtypes) on the same input; otherwise
-    that image fails, --overwrite replaces it. The models are loaded together before the first
-    image: one that cannot be loaded stops the run (exit 1, nothing written); a model named twice
-    (or the same weights twice) is a usage error. Comparing runs in one process: --shard,
+    a.png.roundtrip.png and index.html, so the two never meet); a re-run keeps a comparison picture
+    only when it compares the same models in the same order. The models are loaded together before
+    the first image: one that cannot be loaded stops the run with its one-line error, before
+    anything is written; a model named twice (or the same weights twice) is a usage error. Comparing runs in one process: --shard,
     --manifest, --from-manifest and torchrun are refused with several models.
     """
 )

@@ -28,7 +28,7 @@ from vqcli.pipeline.encode_image import image_notes
 from vqcli.pipeline.pictures import comparison
 from vqcli.pipeline.provenance import image_mark, image_stale
 from vqcli.pipeline.results import DONE, FileResult, Job
-from vqcli.pipeline.roundtrip import measure, roundtrip_image
+from vqcli.pipeline.roundtrip import measure, roundtrip_image, roundtrip_recipe
 from vqcli.pipeline.selection import Selection, image_source, select_jobs
 from vqcli.pipeline.sources import expand_tars, load_job_image
 from vqcli.speed.budget import default_budget
@@ -52,10 +52,8 @@ class Contender:
 
 def compare_recipe(contenders: Sequence[Contender]) -> dict:
     """What a comparison picture depends on: the models' weights hashes and dtypes, in order."""
-    return {
-        "model_sha256": ",".join(c.model.identity() for c in contenders),
-        "dtypes": [str(c.dtype).removeprefix("torch.") for c in contenders],
-    }
+    recipes = [roundtrip_recipe(c.model, c.dtype) for c in contenders]
+    return {"model_sha256": ",".join(r["model_sha256"] for r in recipes), "dtypes": [r["dtype"] for r in recipes]}
 
 
 def compare_files(

@@ -3,7 +3,9 @@
 For each image: PSNR, SSIM, the mean CIEDE2000 colour difference and the mean bias of each
 channel of the reconstruction against the original (all on 8-bit RGB, the way a user sees them),
 and a labelled side-by-side PNG: original | reconstruction | error map (absolute difference
-amplified 4x), with the metrics (``vqcli.pipeline.pictures``). Prints nothing; yields one
+amplified 4x), with the metrics (``vqcli.pipeline.pictures``). The picture records its input's
+stamp and the model's weights hash and dtype (``vqcli.pipeline.provenance``): a re-run keeps it
+only when it was made from the same input by the same model. Prints nothing; yields one
 ``FileResult`` per image with the metrics in its ``info``.
 """
 
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+import functools
 
 import numpy as np
 import torch
@@ -24,6 +28,7 @@ from vqcli.pipeline.decode import decode_array
 from vqcli.pipeline.encode import encode_array
 from vqcli.pipeline.encode_image import image_notes
 from vqcli.pipeline.pictures import side_by_side
+from vqcli.pipeline.provenance import image_mark, image_stale
 from vqcli.pipeline.results import DONE, FileResult, Job
 from vqcli.pipeline.selection import Selection, image_source, select_jobs
 from vqcli.pipeline.sources import expand_tars, load_job_image
@@ -57,6 +62,11 @@ def measure(original: np.ndarray, reconstruction: np.ndarray) -> dict:
     }
 
 
+def roundtrip_recipe(model: AutoEncoder, dtype: torch.dtype) -> dict:
+    """What a roundtrip picture depends on besides its input: the weights and the compute dtype."""
+    return {"model_sha256": model.identity(), "dtype": str(dtype).removeprefix("torch.")}
+
+
 def roundtrip_files(
     paths: Sequence[Path],
     output_dir: Path,
@@ -72,16 +82,18 @@ def roundtrip_files(
     jobs = select_jobs(image_source(paths, output_dir, selection, name=roundtrip_name), selection, 1)
     jobs = expand_tars(jobs, roundtrip_name, max_pixels=max_pixels)
     budget = default_budget(next(model.parameters()).device)  # (fixed for the run, as in encode)
+    recipe = roundtrip_recipe(model, dtype)
     yield from each_job(
         jobs,
-        lambda job: _one(job, model, dtype, overwrite, max_pixels, budget),
+        lambda job: _one(job, model, dtype, overwrite, max_pixels, budget, recipe),
         overwrite=overwrite,
         ours=written_by_vqcli,
+        stale=functools.partial(image_stale, expected=recipe),
     )
 
 
 def _one(
-    job: Job, model: AutoEncoder, dtype: torch.dtype, overwrite: bool, max_pixels: int | None, budget: int
+    job: Job, model: AutoEncoder, dtype: torch.dtype, overwrite: bool, max_pixels: int | None, budget: int, recipe: dict
 ) -> FileResult:
     details: dict = {}
     rgb = load_job_image(job, max_pixels=max_pixels, details=details)
@@ -96,5 +108,5 @@ def _one(
         **measure(original, reconstruction),
         **image_notes(details),
     }
-    save_image(side_by_side(original, reconstruction, info["psnr"], info["ssim"], info["ciede2000"]), job.output, overwrite=overwrite)
+    save_image(side_by_side(original, reconstruction, info["psnr"], info["ssim"], info["ciede2000"]), job.output, overwrite=overwrite, mark=image_mark(job, recipe))
     return FileResult(job.input, job.output, DONE, info=info, job=job)
