@@ -95,7 +95,10 @@ def roundtrip(
     specs = model or ["default"]
     if len(specs) > 1:
         if shard is not None or manifest is not None or from_manifest is not None:
-            raise UsageError("comparing models (--model given more than once) runs in one process: --shard, --manifest and --from-manifest are for one model at a time")
+            raise UsageError(
+                "comparing models (--model given more than once) runs in one process: "
+                "--shard, --manifest and --from-manifest are for one model at a time"
+            )
         return _compare(
             specs, output, inputs or [], device=device, dtype=dtype, preset=preset, max_pixels=max_pixels,
             overwrite=overwrite, quiet=quiet, progress=progress, gallery=gallery, as_json=as_json,
@@ -159,7 +162,9 @@ def roundtrip(
             out_console.print(quality_table(images, mean))
 
 
-def _compare(specs: list[str], output: Path, inputs: list[Path], *, device, dtype, preset, max_pixels, overwrite, quiet, progress, gallery, as_json) -> None:
+def _compare(
+    specs: list[str], output: Path, inputs: list[Path], *, device, dtype, preset, max_pixels, overwrite, quiet, progress, gallery, as_json
+) -> None:
     """``--model A --model B ...``: every model over the same images, one table, one gallery."""
     from vqcli.checkpoints.load import model_ref, resolve_model
     from vqcli.pipeline.compare import Contender, compare_files, compare_name
@@ -182,7 +187,7 @@ def _compare(specs: list[str], output: Path, inputs: list[Path], *, device, dtyp
         contenders.append(Contender(name, ae, settle_dtype(ae, torch_device, torch_dtype)))
         entries.append({"spec": spec, "name": name, "sha256": ae.identity(), "kind": ae.config.kind})
     models = [
-        {"name": e["name"], "sha256": e["sha256"], "kind": e["kind"], "dtype": dtype_name(c.dtype), "mean": {}, "seconds_per_image": None, "images": []}
+        {**{k: e[k] for k in ("name", "sha256", "kind")}, "dtype": dtype_name(c.dtype), "mean": {}, "seconds_per_image": None, "images": []}
         for e, c in zip(entries, contenders)
     ]
     seconds = [0.0] * len(models)
@@ -202,7 +207,8 @@ def _compare(specs: list[str], output: Path, inputs: list[Path], *, device, dtyp
         for r in results:
             if r.status == DONE:
                 for k, (m, s) in enumerate(zip(models, r.info["models"])):
-                    m["images"].append({"path": str(r.input), **scores(s), "picture": str(r.output), "width": r.info["width"], "height": r.info["height"]})
+                    size = {"width": r.info["width"], "height": r.info["height"]}
+                    m["images"].append({"path": str(r.input), **scores(s), "picture": str(r.output), **size})
                     seconds[k] += s["seconds"]
                     m["seconds_per_image"] = round(seconds[k] / len(m["images"]), 4)
                     fill_mean(m["images"], m["mean"])
