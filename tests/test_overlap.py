@@ -245,3 +245,41 @@ def test_ctrl_c_between_results_still_reports_every_file_written(tmp_path):
     on_disk = {p.name for p in out.glob("*.safetensors")}
     assert len(done) >= 3 and done == on_disk
     assert not [p for p in out.iterdir() if p.name.startswith(".vqcli-tmp-")]
+
+
+@pytest.mark.parametrize("all_frames", [False, True])
+def test_ctrl_c_reports_a_file_written_but_not_yet_given(tmp_path, monkeypatch, all_frames):
+    """The case above made certain: a writer that always holds one finished write back (its file
+    on disk, its result not given). Ctrl-C thrown into the stream after three results must reach
+    the writer through every layer of ``encode_files`` (with and without --all-frames) and give
+    that file's result: before, a wrapper's plain loop took the throw, and the file was written
+    but missing from the summary."""
+    import concurrent.futures as cf
+
+    from vqcli.checkpoints.load import ModelRef
+    from vqcli.cli.common import last_results
+    from vqcli.pipeline.encode import EncodeOptions, encode_files
+    from vqcli.pipeline.results import DONE
+
+    def submit_holding_one_back(self, job):
+        self.pending.append(self.pool.submit(self._run, job))
+        cf.wait([self.pending[-1]])  # this write is on disk ...
+        while len(self.pending) > 1:  # ... but only the ones before it are given
+            self._take_oldest()
+        return self._give()
+
+    monkeypatch.setattr(WriteBehind, "submit", submit_holding_one_back)
+    model = randomize_(AutoEncoder(TINY_KL), 5).eval()
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(src / f"{i:02d}.png")
+    out = tmp_path / "lat"
+    options = EncodeOptions(io_threads=2, all_frames=all_frames)
+    stream = encode_files([src], out, model, ModelRef("m", False, tmp_path / "m.safetensors"), options=options)
+    seen = [next(stream) for _ in range(3)]
+    assert len(list(out.glob("*.safetensors"))) == 4  # the held-back write is there
+    seen += last_results(stream)
+    done = {r.output.name for r in seen if r.status == DONE}
+    assert done == {p.name for p in out.glob("*.safetensors")} == {f"{i:02d}.png.safetensors" for i in range(4)}

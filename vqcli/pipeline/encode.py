@@ -153,8 +153,9 @@ def _encode_stream(jobs, model, ref, seed, batch_size, dtype, options, put=None)
         return encode_fn(kind, sample=True, scaled=options.scaled, seed=image_seed, shape=shape), dtype
 
     finish = functools.partial(_finish_encode, ref=ref, options=options, put=put)
-    for result in _compute_and_write(stream, batch_size, how, finish, options):
-        yield drop_pixels(result)
+    # (``yield from``: a Ctrl-C thrown in between two results must reach the write-behind, which
+    # then reports the files it finished meanwhile)
+    yield from _compute_and_write(map(drop_pixels, stream), batch_size, how, finish, options)
 
 
 def _encode_into_tar(tar: TarJob, model, ref, seed, batch_size, dtype, options) -> Iterator[FileResult]:

@@ -21,11 +21,14 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 from vqcli.errors import FileError
 from vqcli.io.frames import AnimatedImage
 from vqcli.io.images import DEFAULT_MAX_PIXELS, is_image_path
 from vqcli.pipeline.results import FAILED, FileResult, Job, MemberJob, TarJob
+
+T = TypeVar("T")
 
 _FRAME_NAME = re.compile(r"(.+)\.frame[0-9]{4,}")
 
@@ -96,10 +99,11 @@ def _leftovers(job: Job, folder: Path, name, count: int, leftover) -> None:
         index += 1
 
 
-def drop_pixels(result: FileResult) -> FileResult:
-    """A result whose job no longer holds its frame's pixels (results outlive the encoding)."""
-    job = result.job
+def drop_pixels(item: T) -> T:
+    """``item`` (a prepared image or a result) with a job that no longer holds its frame's pixels:
+    once the image is a tensor they are not needed, and items and results outlive the reading."""
+    job = item.job
     if job is not None and job.frame is not None and job.frame.rgb is not None:
-        result.job = replace(job, frame=replace(job.frame, rgb=None))
-    return result
+        item.job = replace(job, frame=replace(job.frame, rgb=None))
+    return item
 
