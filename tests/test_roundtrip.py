@@ -190,6 +190,37 @@ def test_gallery_links_every_picture_relatively_and_sorts(tmp_path, model_file):
     assert "not written, a file of someone else's is there" in r.stderr
 
 
+def test_gallery_shows_a_hostile_name_as_text(tmp_path):
+    """A file name with markup, quotes and control characters is shown as it is (control
+    characters as escapes), in the table, the caption and the alt text; never as markup."""
+    import html.parser
+
+    from vqcli.pipeline.gallery import gallery_html
+
+    name = 'x <b>"q"</b> & \x1b[31m\n.png'
+    row = {"path": name, "picture": tmp_path / "p.png", "width": 4, "height": 4, "psnr": 30.0, "ssim": 0.9, "ciede2000": 2.0}
+    page_text = gallery_html([row], tmp_path, title="t \x07")
+
+    class Page(html.parser.HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags, self.data, self.alts = [], [], []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+            self.alts += [v for k, v in attrs if k == "alt"]
+
+        def handle_data(self, data):
+            self.data.append(data)
+
+    page = Page()
+    page.feed(page_text)
+    shown = name.replace("\x1b", "\\x1b").replace("\n", "\\n")
+    assert "b" not in page.tags and "\x1b" not in page_text and "\x07" not in page_text
+    assert shown in page.data and page.alts == [shown, shown]
+    assert any(d.startswith(shown + ": PSNR") for d in page.data) and "t \\x07" in page.data
+
+
 def test_roundtrip_keeps_a_picture_only_for_the_same_model(tmp_path, model_file):
     """A re-run into the same folder skips a picture made by the same model from the same input;
     one made by another model fails with the reason (old: kept and counted as done), --overwrite

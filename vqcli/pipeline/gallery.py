@@ -101,7 +101,7 @@ def gallery_html(rows: list[dict], folder: Path, title: str = "vqcli roundtrip")
     ``width``, ``height``, ``psnr``, ``ssim``, ``ciede2000``), to be written in ``folder``."""
     table, figures = [], []
     for i, row in enumerate(rows):
-        name = html.escape(str(row["path"]))
+        name = text(row["path"])
         src = relative_src(row["picture"], folder)
         psnr = row["psnr"]
         width, height = row["width"], row["height"]
@@ -117,7 +117,7 @@ def gallery_html(rows: list[dict], folder: Path, title: str = "vqcli roundtrip")
             f'<img src="{src}" alt="{name}" data-shift="{width + GAP}" style="margin-top:-{CAPTION}px"></div></figure>'
         )
     return f"""{page_head(title, _STYLE, _SCRIPT)}
-<body><h1>{html.escape(title)}</h1>
+<body><h1>{text(title)}</h1>
 <p>Show: <label><input type="radio" name="show" checked onclick="show('both')"> side by side</label>
 <label><input type="radio" name="show" onclick="show('original')"> original</label>
 <label><input type="radio" name="show" onclick="show('reconstruction')"> reconstruction</label></p>
