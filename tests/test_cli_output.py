@@ -135,11 +135,15 @@ def test_a_folder_where_nothing_matched_says_what_it_left_out(setup, tmp_path):
     r = runner.invoke(app, ["encode", str(folder), "-o", str(tmp_path / "out"), "--model", model])
     assert r.exit_code == 1
     assert r.stderr.splitlines() == [
-        f"{folder / 'README'}: left out: no extension is not the name of an image or a tar shard",
-        f"{folder / 'notes.txt'}: left out: .txt is not the name of an image or a tar shard",
-        f"{folder / 'scan.xyz'}: left out: .xyz is not the name of an image or a tar shard",
+        f"{folder / 'README'}: left out: not named as an image or a tar shard (no extension)",
+        f"{folder / 'notes.txt'}: left out: not named as an image or a tar shard (.txt)",
+        f"{folder / 'scan.xyz'}: left out: not named as an image or a tar shard (.xyz)",
     ]
-    assert "nothing to do: no input files found (3 files left out for their names)" in r.stdout
+    assert "nothing to do: no input files found (3 files left out by name)" in r.stdout
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "notes.txt").write_text("not an image")
+    r = runner.invoke(app, ["encode", str(tmp_path / "one"), "-o", str(tmp_path / "out"), "--model", model])
+    assert r.exit_code == 1 and "nothing to do: no input files found (1 file left out by name)" in r.stdout
     r = runner.invoke(app, ["decode", str(folder), "-o", str(tmp_path / "rec"), "--model", model, "--json"])
     assert r.exit_code == 1
     obj = json.loads(r.stdout)

@@ -182,7 +182,7 @@ def left_out_of(inputs, output, what: str, *, latents: bool = False):
 
         accept = is_latent_path if latents else (lambda name: is_image_path(name) or is_tar_path(name))
         found, count = not_taken(inputs, accept, exclude=output)
-        return [f"{p}: left out: {p.suffix or 'no extension'} is not the name of {what}" for p in found], count
+        return [f"{p}: left out: not named as {what} ({p.suffix or 'no extension'})" for p in found], count
 
     return left_out
 
@@ -371,7 +371,8 @@ class RunReport:
             if s["total"] == 0:
                 text = "nothing to do: no input files found"
                 if self.found_nothing:
-                    text += f" ({s['left_out']} files left out for their names)"
+                    n = s["left_out"]
+                    text += f" ({n} {'file' if n == 1 else 'files'} left out by name)"
             out_console.print(text, highlight=False, soft_wrap=True)
         return self.exit_code()
 
