@@ -9,11 +9,11 @@ import typer
 
 from vqcli.cli._app import app, handle_errors, out_console
 from vqcli.cli.common import (
+    MODEL_HELP,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
     MaxPixelsOpt,
-    MODEL_HELP,
     OverwriteOpt,
     PresetOpt,
     ProgressOpt,

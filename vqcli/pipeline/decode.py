@@ -20,9 +20,9 @@ from vqcli.io.images import DEFAULT_MAX_PIXELS, save_image, written_by_vqcli
 from vqcli.io.padding import from_model_output
 from vqcli.io.trainer_files import read_any
 from vqcli.model.autoencoder import AutoEncoder
+from vqcli.pipeline import provenance
 from vqcli.pipeline.batching import Item, _compute_and_write, _run, _write, checked, each_job
 from vqcli.pipeline.jobs import check_inputs, decoded_name
-from vqcli.pipeline import provenance
 from vqcli.pipeline.results import FileResult, Job, _from_error
 from vqcli.pipeline.selection import Selection, block_size, latent_source, select_jobs
 from vqcli.speed.precision import choose_dtype

@@ -19,10 +19,10 @@ from vqcli.errors import FileError, UsageError
 from vqcli.io import latents as lat
 from vqcli.io import tarfiles as tario
 from vqcli.io import trainer_files
-from vqcli.io.frames import DEFAULT_MAX_FRAMES
-from vqcli.io.images import DEFAULT_MAX_PIXELS
 from vqcli.io.atomic import atomic_path
+from vqcli.io.frames import DEFAULT_MAX_FRAMES
 from vqcli.io.geometry import Fit
+from vqcli.io.images import DEFAULT_MAX_PIXELS
 from vqcli.io.padding import pad_to_multiple, to_model_input
 from vqcli.model.autoencoder import AutoEncoder
 from vqcli.pipeline.batching import Item, _compute_and_write, _run, _write, checked, each_job

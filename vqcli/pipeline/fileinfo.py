@@ -13,8 +13,8 @@ from vqcli.checkpoints.native import read_native
 from vqcli.checkpoints.read import read_checkpoint
 from vqcli.errors import FileError, VqcliError
 from vqcli.io.latents import latent_stats
-from vqcli.io.trainer_files import COMFY_SUFFIX, KOHYA_SUFFIX, is_ours, read_any
 from vqcli.io.safetensors import read_safetensors_header
+from vqcli.io.trainer_files import COMFY_SUFFIX, KOHYA_SUFFIX, is_ours, read_any
 from vqcli.model.autoencoder import AutoEncoder, load_strict
 
 MAX_LISTED = 64  # tensors listed one by one; past that, a summary

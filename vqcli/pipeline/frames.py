@@ -106,4 +106,3 @@ def drop_pixels(item: T) -> T:
     if job is not None and job.frame is not None and job.frame.rgb is not None:
         item.job = replace(job, frame=replace(job.frame, rgb=None))
     return item
-

@@ -9,12 +9,12 @@ from pathlib import Path, PurePosixPath
 
 from vqcli.errors import UsageError
 from vqcli.io import latents as lat
-from vqcli.io.trainer_files import COMFY_SUFFIX, KOHYA_SUFFIX, is_any_latent_path
+from vqcli.io import relpaths
 from vqcli.io import tarfiles as tario
 from vqcli.io.atomic import TMP_PREFIX
-from vqcli.io import relpaths
-from vqcli.io.relpaths import UnsafePath, split_rel
 from vqcli.io.images import OUTPUT_FORMATS, format_matches, is_image_path
+from vqcli.io.relpaths import UnsafePath, split_rel
+from vqcli.io.trainer_files import COMFY_SUFFIX, KOHYA_SUFFIX, is_any_latent_path
 from vqcli.pipeline.results import SKIPPED, FileResult, Job, TarJob, _failed
 
 log = logging.getLogger(__name__)

@@ -11,10 +11,9 @@ only when it was made from the same input by the same model. Prints nothing; yie
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-
-import functools
 
 import numpy as np
 import torch
