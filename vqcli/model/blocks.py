@@ -15,7 +15,12 @@ EPS = 1e-6
 
 
 def Normalize(channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups and eps 1e-6, as in every model of this family."""
+    """GroupNorm with 32 groups and eps 1e-6, as in every model of this family.
+
+    With weights cast to bfloat16 or float16 it needs no guard: PyTorch's kernels (CPU and CUDA)
+    gather the statistics and normalise in float32 and round only the result to the input's dtype
+    (tests/test_cast_weights.py checks it). Under autocast GroupNorm runs in float32 and gives
+    float32."""
     return nn.GroupNorm(num_groups=GROUPS, num_channels=channels, eps=EPS, affine=True)
 
 
@@ -38,12 +43,26 @@ def norm_swish(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     return F.silu(h)
 
 
+def in_dtype_of(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the dtype of ``layer``'s weight, where the two differ outside autocast.
+
+    A model whose weights were cast to reduced precision keeps a few layers in float32
+    (``vqcli.speed.context.KEEP_FLOAT32``), so a map crosses dtypes at their edges: a float32 image
+    into a bfloat16 ``conv_in``, bfloat16 features into a float32 ``conv_out``. Under autocast
+    the layer casts its inputs itself, and ``x`` is left alone."""
+    dtype = layer.weight.dtype
+    if x.dtype == dtype or not x.is_floating_point() or torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(dtype)
+
+
 def full_precision(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` in float32 even under reduced-precision autocast: for the output layers (the
     encoder's and decoder's conv_out, quant_conv, post_quant_conv), whose rounding would land
-    directly in the latents or pixels. They are a small share of the work: the cost is small."""
+    directly in the latents or pixels. They are a small share of the work: the cost is small.
+    Outside autocast the layer runs in its own weights' dtype (float32 in a cast copy too)."""
     if not torch.is_autocast_enabled(x.device.type):
-        return layer(x)
+        return layer(in_dtype_of(layer, x))
     with torch.autocast(device_type=x.device.type, enabled=False):
         return layer(x.float())
 

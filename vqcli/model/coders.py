@@ -15,6 +15,7 @@ from vqcli.model.blocks import (
     ResnetBlock,
     Upsample,
     full_precision,
+    in_dtype_of,
     norm_swish,
 )
 
@@ -121,7 +122,7 @@ class Encoder(nn.Module):
 
     def run_high_res(self, x: torch.Tensor, keep=_NO_FEATURES) -> torch.Tensor:
         """conv_in and the down levels: image to features at the latent resolution (tileable)."""
-        h = keep("conv_in", self.conv_in(x))
+        h = keep("conv_in", self.conv_in(in_dtype_of(self.conv_in, x)))
         for i_level, down in enumerate(self.down):
             for i_block, block in enumerate(down.block):
                 h = keep(f"down{i_level}_block{i_block}", block(h))
@@ -229,7 +230,7 @@ class Decoder(nn.Module):
 
     def run_low_res(self, z: torch.Tensor, keep=_NO_FEATURES) -> torch.Tensor:
         """conv_in and the middle (with its global attention, if any), at the latent resolution."""
-        h = keep("conv_in", self.conv_in(z))
+        h = keep("conv_in", self.conv_in(in_dtype_of(self.conv_in, z)))
         h = keep("mid_block_1", self.mid.block_1(h))
         if hasattr(self.mid, "attn_1"):
             h = keep("mid_attn_1", self.mid.attn_1(h))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqcli.model.blocks import Downsample, ResnetBlock
+from vqcli.model.blocks import Downsample, ResnetBlock, in_dtype_of
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,10 @@ def _normalise(norm: nn.GroupNorm, x: torch.Tensor, mean: torch.Tensor, var: tor
     if norm.affine:
         scale = scale * norm.weight
         shift = shift * norm.weight + norm.bias
-    # float32 out, as GroupNorm under autocast gives
-    return torch.addcmul(shift[:, :, None, None], x.float(), scale[:, :, None, None])
+    out = torch.addcmul(shift[:, :, None, None], x.float(), scale[:, :, None, None])
+    # float32 out under autocast, as GroupNorm there gives; else the input's dtype, as GroupNorm
+    # with weights cast to it gives (``Normalize``)
+    return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
 
 
 @dataclass
@@ -124,7 +126,7 @@ class _Conv:
             with torch.autocast(device_type=t.device.type, enabled=False):
                 out = F.conv2d(t.float(), self.conv.weight, self.conv.bias, 1, p)
         else:
-            out = F.conv2d(t, self.conv.weight, self.conv.bias, 1, p)
+            out = F.conv2d(in_dtype_of(self.conv, t), self.conv.weight, self.conv.bias, 1, p)
         top = p if b.r0 > 0 else 0
         bottom = p if b.r1 < b.height else 0
         return _Band(out[:, :, top : out.shape[2] - bottom], b.r0 + top, b.height)

@@ -37,7 +37,11 @@ class PhaseUpsample(Upsample):
         c = self.conv.out_channels
         # One 2x2 conv makes all four phases (4c channels) on the input padded by one pixel; phase
         # (a, b) is its output shifted by (a, b).
-        y = F.conv2d(F.pad(x, (1, 1, 1, 1)), phase_kernels(self.conv.weight), self.conv.bias.repeat(4))
+        # (the taps summed in float32: with weights cast to bfloat16, a sum in bfloat16 would round
+        # the kernels once more than the original's conv sees them)
+        weight = self.conv.weight
+        kernels = phase_kernels(weight.float()).to(weight.dtype)
+        y = F.conv2d(F.pad(x, (1, 1, 1, 1)), kernels, self.conv.bias.repeat(4))
         channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         out = torch.empty(
             n, c, 2 * h, 2 * w, dtype=y.dtype, device=y.device,

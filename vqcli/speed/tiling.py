@@ -57,6 +57,7 @@ from vqcli.model.blocks import (
     ResnetBlock,
     Upsample,
     full_precision,
+    in_dtype_of,
     norm_swish,
 )
 from vqcli.model.coders import _NO_FEATURES, Decoder, Encoder
@@ -139,7 +140,8 @@ def _decoder_units(decoder: Decoder) -> list[_Unit]:
 
 def _encoder_units(encoder: Encoder) -> list[_Unit]:
     """``Encoder.run_high_res`` as units."""
-    units = [_Unit([_Conv(encoder.conv_in)], encoder.conv_in)]
+    conv_in = encoder.conv_in
+    units = [_Unit([_Conv(conv_in)], lambda x: conv_in(in_dtype_of(conv_in, x)))]
     for i_level, down in enumerate(encoder.down):
         for i_block, block in enumerate(down.block):
             units.append(_block_unit(block))
