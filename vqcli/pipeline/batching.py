@@ -25,7 +25,7 @@ from vqcli.pipeline.results import (
 )
 from vqcli.pipeline.sources import check_existing
 from vqcli.speed.budget import default_budget
-from vqcli.speed.context import compute_context, memory_format_for
+from vqcli.speed.context import compute_context, compute_model, memory_format_for
 from vqcli.speed.heap import release_heap_above
 from vqcli.speed.oom import retry_in_tiles
 
@@ -168,15 +168,18 @@ def _run(
     compile: bool = False,
 ) -> torch.Tensor:
     """``fn(model, x)`` on ``device`` in ``dtype`` within ``budget`` (None: the device's default),
-    the output back on the CPU. Out of memory, it is computed again in tiles (``speed.oom``)."""
+    the output back on the CPU. Out of memory, it is computed again in tiles (``speed.oom``).
+    ``fn`` gets the model as ``dtype`` runs it (``compute_model``: on CUDA in reduced precision,
+    a copy with cast weights; float32 always ``model`` itself)."""
     budget = budget or default_budget(device)
+    runner = compute_model(model, device, dtype)
     x = x.to(device)
     if x.dim() == 4 and x.is_floating_point():
-        x = x.contiguous(memory_format=memory_format_for(dtype))
+        x = x.contiguous(memory_format=memory_format_for(dtype, device))
 
     def attempt(bytes_: int) -> torch.Tensor:
-        with compute_context(device, dtype, model=model, budget=bytes_, compile=compile):
-            return fn(model, x)
+        with compute_context(device, dtype, model=runner, budget=bytes_, compile=compile):
+            return fn(runner, x)
 
     y = retry_in_tiles(attempt, budget, device=device)
     release_heap_above(budget)  # (inside a run: what it keeps between images)

@@ -29,7 +29,7 @@ from vqcli.io.latents import pad_factor
 from vqcli.io.padding import pad_to_multiple, to_model_input
 from vqcli.io.safetensors import write_safetensors
 from vqcli.model.autoencoder import AutoEncoder
-from vqcli.speed.context import compute_context, memory_format_for
+from vqcli.speed.context import compute_context, compute_model, memory_format_for
 
 
 @contextlib.contextmanager
@@ -56,13 +56,14 @@ def extract_features(
     height, width = rgb.shape[:2]
     x = pad_to_multiple(to_model_input(rgb), pad_factor(height, width, model.config.downsampling))
     device = next(model.parameters()).device
-    x = x.to(device).contiguous(memory_format=memory_format_for(dtype))
+    runner = compute_model(model, device, dtype)  # (as encode and decode run it)
+    x = x.to(device).contiguous(memory_format=memory_format_for(dtype, device))
     store: OrderedDict[str, torch.Tensor] = OrderedDict()
     with compute_context(device, dtype):
-        with _recording(model.encoder, store, "encoder"):
-            z = model.encode(x)
-        with _recording(model.decoder, store, "decoder"):
-            model.decode(z)
+        with _recording(runner.encoder, store, "encoder"):
+            z = runner.encode(x)
+        with _recording(runner.decoder, store, "decoder"):
+            runner.decode(z)
     return store
 
 

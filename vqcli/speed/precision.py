@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vqcli.speed.context import compute_context, memory_format_for, prepare_model
+from vqcli.speed.context import compute_context, compute_model, memory_format_for, prepare_model
 from vqcli.speed.heap import fast_allocator
 
 AUTO_MIN_PSNR = 40.0  # dB: how close to float32 a reduced precision must stay to be chosen
@@ -78,7 +78,8 @@ def choose_dtype(
     """``--dtype auto``: the fastest precision whose encode + decode of ``check_image`` stays within
     ``AUTO_MIN_PSNR`` dB of float32 (non-finite output disqualifies), a reduced one only where it
     is at least ``AUTO_MIN_GAIN`` times as fast as float32. Leaves ``model`` prepared for the
-    precision chosen.
+    precision chosen. Each precision runs the model as a run does (``compute_model``: on CUDA,
+    reduced precision runs a copy with cast weights).
 
     What the timing guards against. A precision's first call pays for its warm-up (the kernels'
     choice and setup in oneDNN or cuDNN, the heap growing to the work's size): it runs once
@@ -93,18 +94,22 @@ def choose_dtype(
     x = check_image(size, model.config.downsampling).to(device)
     dtypes = [torch.float32, *candidates]
     names = {dtype: str(dtype).removeprefix("torch.") for dtype in dtypes}
+    runners: dict[torch.dtype, torch.nn.Module] = {}  # (cast copies made once: the cache keeps one)
 
     def roundtrip(dtype: torch.dtype) -> tuple[torch.Tensor, float]:
         prepare_model(model, device, dtype)
-        xin = x.contiguous(memory_format=memory_format_for(dtype))
+        if dtype not in runners:
+            runners[dtype] = compute_model(model, device, dtype)
+        runner = runners[dtype]
+        xin = x.contiguous(memory_format=memory_format_for(dtype, device))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         started = clock()
-        with compute_context(device, dtype, model=model):
+        with compute_context(device, dtype, model=runner):
             if model.config.kind == "vq":
-                y = model.decode_indices(model.encode_indices(xin))
+                y = runner.decode_indices(runner.encode_indices(xin))
             else:
-                y = model.decode(model.encode(xin))
+                y = runner.decode(runner.encode(xin))
         y = y.float().cpu()  # (waits for the device)
         return y, clock() - started
 
@@ -114,6 +119,7 @@ def choose_dtype(
         for _ in range(rounds):
             for dtype in dtypes:
                 seconds[names[dtype]] = min(seconds[names[dtype]], roundtrip(dtype)[1])
+    runners.clear()  # (the cast copies: the run makes the one it needs)
     reference = outputs[torch.float32]
     psnr = {"float32": math.inf}
     best = torch.float32

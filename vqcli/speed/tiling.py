@@ -314,6 +314,14 @@ def _compiled(coder: nn.Module, units: list[_Unit]) -> Callable[[torch.Tensor], 
     return coder._vqcli_compiled
 
 
+def forget_compiled(model: nn.Module) -> nn.Module:
+    """``model``, a copy of a model, without the compiled functions ``_compiled`` kept on the
+    original's coders (copied by reference, they would run the original's layers)."""
+    for module in model.modules():
+        module.__dict__.pop("_vqcli_compiled", None)
+    return model
+
+
 def _run_compiled(coder: nn.Module, units: list[_Unit], x: torch.Tensor) -> torch.Tensor | None:
     """``units`` on ``x`` through the compiled function; None where there is none, or where
     torch.compile fails (no C++ compiler, say): said once, and the coder runs as written."""
@@ -395,4 +403,4 @@ def bounded_memory(model: nn.Module, budget: int, *, compile: bool = False) -> I
             delattr(module, name)
 
 
-__all__ = ["bounded_memory"]
+__all__ = ["bounded_memory", "forget_compiled"]
