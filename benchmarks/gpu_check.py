@@ -20,7 +20,8 @@ within one overall deadline (--minutes), so that one failure or one slow part st
 
 Writes ``gpu_check.json`` and ``gpu_check.md`` under --out and prints the Markdown at the end.
 The diffusers model is run the way its users run it (``.to(dtype)``, eager); vqcli the way the CLI
-does (float32 weights under autocast, ``compute_context`` with its memory bound).
+does (``compute_model``: on CUDA in reduced precision a copy with cast weights, the output layers
+kept float32; ``compute_context`` with its memory bound; maps in ``memory_format_for``).
 """
 
 from __future__ import annotations
@@ -78,10 +79,11 @@ class _API:
         from vqcli.checkpoints.layouts import to_original
         from vqcli.checkpoints.native import save_native
         from vqcli.speed.budget import default_budget
-        from vqcli.speed.context import compute_context, prepare_model
+        from vqcli.speed.context import compute_context, compute_model, memory_format_for, prepare_model
 
         self.AutoEncoder, self.infer_config, self.to_original, self.save = AutoEncoder, infer_config, to_original, save_native
         self.compute_context, self.prepare_model, self.default_budget = compute_context, prepare_model, default_budget
+        self.compute_model, self.memory_format_for = compute_model, memory_format_for
 
 
 def build_models(arch: str):
@@ -171,11 +173,11 @@ def part_parity(p: dict, deadline: float) -> dict:
     z = torch.randn(1, 4, p["parity_size"] // f, p["parity_size"] // f, generator=g)
 
     def run(m, dev, dtype):
-        api.prepare_model(m, dev, dtype)
-        fmt = torch.contiguous_format if dtype == torch.float32 else torch.channels_last
-        with api.compute_context(dev, dtype, model=m):
-            enc = m.encode(x.to(dev).contiguous(memory_format=fmt)).float().cpu()
-            dec = m.decode(z.to(dev).contiguous(memory_format=fmt)).float().cpu()
+        runner = api.compute_model(api.prepare_model(m, dev, dtype), dev, dtype)
+        fmt = api.memory_format_for(dtype, dev)
+        with api.compute_context(dev, dtype, model=runner):
+            enc = runner.encode(x.to(dev).contiguous(memory_format=fmt)).float().cpu()
+            dec = runner.decode(z.to(dev).contiguous(memory_format=fmt)).float().cpu()
         return enc, dec
 
     cpu_enc, cpu_dec = run(copy.deepcopy(model), torch.device("cpu"), torch.float32)
@@ -221,9 +223,8 @@ def part_decode_4096(p: dict, deadline: float) -> dict:
             out["rows"].append({"dtype": dtype_name, "skipped": "out of time"})
             continue
         dtype = getattr(torch, dtype_name)
-        api.prepare_model(model, device, dtype)
-        fmt = torch.contiguous_format if dtype == torch.float32 else torch.channels_last
-        zin = z.to(device).contiguous(memory_format=fmt)
+        runner = api.compute_model(api.prepare_model(model, device, dtype), device, dtype)
+        zin = z.to(device).contiguous(memory_format=api.memory_format_for(dtype, device))
         y = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -232,8 +233,8 @@ def part_decode_4096(p: dict, deadline: float) -> dict:
 
         def decode(budget=p["big_budget"]):
             nonlocal y
-            with api.compute_context(device, dtype, model=model, budget=budget):
-                y = model.decode(zin)
+            with api.compute_context(device, dtype, model=runner, budget=budget):
+                y = runner.decode(zin)
 
         ms = call_ms(decode, device)
         row = {"dtype": dtype_name, "seconds": round(ms / 1e3, 2), "finite": bool(torch.isfinite(y).all()),
@@ -249,7 +250,7 @@ def part_decode_4096(p: dict, deadline: float) -> dict:
         out["ok"] = out["ok"] and row["finite"] and row.get("rel_diff_vs_untiled", 0) < 1e-4
         out["rows"].append(row)
         progress(out)
-        del y, zin
+        del y, zin, runner
     done = [r for r in out["rows"] if "seconds" in r]
     out["headline"] = "; ".join(
         f"{r['dtype']} {r['seconds']} s" + (f", peak {r['peak_gb']} GB" if "peak_gb" in r else "") for r in done)
@@ -270,7 +271,9 @@ def part_speed(p: dict, deadline: float) -> dict:
     refs = {d: reference if d == "float32" else copy.deepcopy(reference).to(getattr(torch, d)) for d in DTYPES}
 
     def other_format(dtype):
-        return torch.channels_last if dtype == torch.float32 else torch.contiguous_format
+        """The memory format vqcli does not run ``dtype`` in on this device."""
+        ours = api.memory_format_for(dtype, device)
+        return torch.channels_last if ours == torch.contiguous_format else torch.contiguous_format
 
     vq = {}
     for d in DTYPES:
@@ -295,9 +298,9 @@ def part_speed(p: dict, deadline: float) -> dict:
                     continue
                 dtype = getattr(torch, d)
                 impls = {"diffusers": _diffusers_fn(refs[d], op, inp.to(dtype))}
-                fmt = torch.contiguous_format if dtype == torch.float32 else torch.channels_last
+                fmt = api.memory_format_for(dtype, device)
                 impls["vqcli"] = _vqcli_fn(api, vq[d], device, dtype, op, inp.contiguous(memory_format=fmt))
-                alt_name = "vqcli NHWC" if dtype == torch.float32 else "vqcli NCHW"
+                alt_name = "vqcli NHWC" if other_format(dtype) == torch.channels_last else "vqcli NCHW"
                 impls[alt_name] = _vqcli_fn(api, vq[d + " alt"], device, dtype, op,
                                             inp.contiguous(memory_format=other_format(dtype)))
                 if flops is None:
@@ -368,9 +371,13 @@ def _diffusers_fn(ref, op, inp):
 
 
 def _vqcli_fn(api, model, device, dtype, op, inp, **context):
+    """``op`` as a run computes it: the model ``compute_model`` gives (made here, before any
+    timing: a run makes it once), in ``compute_context``."""
+    runner = api.compute_model(model, device, dtype)
+
     def fn():
-        with api.compute_context(device, dtype, model=model, **context):
-            return model.encode(inp) if op == "encode" else model.decode(inp)
+        with api.compute_context(device, dtype, model=runner, **context):
+            return runner.encode(inp) if op == "encode" else runner.decode(inp)
 
     return fn
 
@@ -412,7 +419,7 @@ def _variant_row(kind, api, model, reference, rows, device, op, size, batch, p) 
     g = torch.Generator().manual_seed(size + batch)
     x = (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device)
     z = torch.randn(batch, 4, size // f, size // f, generator=g).to(device)
-    inp = (x if op == "encode" else z).contiguous(memory_format=torch.channels_last)
+    inp = (x if op == "encode" else z).contiguous(memory_format=api.memory_format_for(dtype, device))
     fresh = api.prepare_model(copy.deepcopy(model), device, dtype)
     started = time.perf_counter()
     if kind == "compile":

@@ -1,5 +1,6 @@
 """Where vqcli's reduced-precision GPU time goes: the SD decoder at 1024 px in bfloat16, run as
-vqcli runs it and with one thing changed at a time (CUDA events, warm-up, median of 10).
+vqcli runs it (``compute_model``, ``compute_context``) and with one thing changed at a time, and as
+vqcli ran it before weights were cast on CUDA (CUDA events, warm-up, median of 10).
 
     python benchmarks/gpu_variants.py [--size 1024] [--device cuda]
 """
@@ -8,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import statistics
 
 import torch
 
 from vqcli import AutoEncoder, AutoEncoderConfig
-from vqcli.speed.context import compute_context, memory_format_for, prepare_model
+from vqcli.speed.context import compute_context, compute_model, memory_format_for, prepare_model
+from vqcli.speed.tiling import bounded_memory
 
 SD = AutoEncoderConfig(kind="kl", ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=4)
 
@@ -50,37 +53,55 @@ def main() -> None:
     bf16 = torch.bfloat16
     rows = []
 
-    def variant(name, model, *, autocast=True, bounded=True, fmt=torch.channels_last, weights_dtype=None):
-        zin = z.to(weights_dtype or torch.float32).contiguous(memory_format=fmt)
+    def as_run(model):
+        """vqcli's context for ``model``: the memory bound, inference mode, autocast where the
+        weights are not cast."""
+        return lambda: compute_context(device, bf16, model=model, budget=2**40)
+
+    def autocast_bounded(model):
+        """vqcli before weights were cast on CUDA: the float32 model under autocast, bounded."""
+
+        def context():
+            stack = contextlib.ExitStack()
+            stack.enter_context(bounded_memory(model, 2**40))
+            stack.enter_context(torch.inference_mode())
+            stack.enter_context(torch.autocast(device_type=device.type, dtype=bf16))
+            return stack
+
+        return context
+
+    def bare():
+        return torch.inference_mode()
+
+    def variant(name, model, context, *, fmt=memory_format_for(bf16, device), input_dtype=torch.float32):
+        zin = z.to(input_dtype).contiguous(memory_format=fmt)
 
         def run():
-            stack = contextlib.ExitStack()
-            if bounded:
-                stack.enter_context(compute_context(device, bf16 if autocast else torch.float32, model=model, budget=2**40))
-            else:
-                stack.enter_context(torch.inference_mode())
-                if autocast:
-                    stack.enter_context(torch.autocast(device_type=device.type, dtype=bf16))
-            with stack:
+            with context():
                 model.decode(zin)
 
         rows.append((name, timed(run, device)))
 
     base = prepare_model(AutoEncoder(SD), device, bf16)
-    variant("vqcli as run (fp32 weights, autocast, NHWC, bounded, PhaseUpsample)", base)
-    variant("no bounded_memory context", base, bounded=False)
-    variant("NCHW", base, fmt=torch.contiguous_format)
-    plain = AutoEncoder(SD).to(device).eval().to(memory_format=memory_format_for(bf16))
+    runner = compute_model(base, device, bf16)  # (on the CPU: ``base`` itself, run under autocast)
+    variant("vqcli as run (compute_model: bf16 weights, output layers fp32; NCHW, bounded, PhaseUpsample)",
+            runner, as_run(runner))
+    variant("no bounded_memory context", runner, bare)
+    nhwc = compute_model(copy.deepcopy(base), device, bf16).to(memory_format=torch.channels_last)
+    variant("NHWC", nhwc, as_run(nhwc), fmt=torch.channels_last)
+    before = copy.deepcopy(base).to(memory_format=torch.channels_last)
+    variant("vqcli before (fp32 weights, autocast, NHWC, bounded, PhaseUpsample)", before, autocast_bounded(before),
+            fmt=torch.channels_last)
+    plain = AutoEncoder(SD).to(device).eval()  # (no fast paths)
     plain.load_state_dict(base.state_dict())
-    variant("plain Upsample (no fast path)", plain)
-    variant("plain Upsample, NCHW, no bounded", plain, bounded=False, fmt=torch.contiguous_format)
-    cast = AutoEncoder(SD).to(device).eval()
-    cast.load_state_dict(base.state_dict())
-    cast = cast.to(bf16)
-    variant("bf16 weights, no autocast, plain, NCHW, no bounded (diffusers' way)", cast, autocast=False, bounded=False,
-            fmt=torch.contiguous_format, weights_dtype=bf16)
-    variant("bf16 weights, no autocast, plain, NHWC, no bounded", cast.to(memory_format=torch.channels_last), autocast=False,
-            bounded=False, weights_dtype=bf16)
+    plain_runner = compute_model(plain, device, bf16)
+    variant("plain Upsample (no fast path)", plain_runner, as_run(plain_runner))
+    variant("plain Upsample, no bounded", plain_runner, bare)
+    cast = copy.deepcopy(plain).to(bf16)
+    variant("all weights bf16, no autocast, plain, NCHW, no bounded (diffusers' way)", cast, bare,
+            fmt=torch.contiguous_format, input_dtype=bf16)
+    variant("all weights bf16, no autocast, plain, NHWC, no bounded", copy.deepcopy(cast).to(memory_format=torch.channels_last),
+            bare, fmt=torch.channels_last, input_dtype=bf16)
     print(f"| variant (SD decoder, {args.size} px, bfloat16, {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}) | ms |")
     print("|---|---|")
     for name, ms in rows:

@@ -1,6 +1,7 @@
 """The CUDA path, on a GPU (every test here is marked ``cuda`` and skipped without one):
-placement, float32 parity with the CPU, reduced precision, the float16 overflow redone in float32,
-tiling under a small budget, and the CLI with ``--device cuda``. benchmarks/gpu_check.sh runs them.
+placement, float32 parity with the CPU, reduced precision (a copy of the model with cast weights),
+the float16 overflow redone with the float32 model, tiling under a small budget, and the CLI with
+``--device cuda``. benchmarks/gpu_check.sh runs them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from vqcli.checkpoints.native import save_native
 from vqcli.pipeline.batching import Item, compute
 from vqcli.pipeline.results import Job
 from vqcli.speed import budget as budgets
-from vqcli.speed.context import compute_context, prepare_model
+from vqcli.speed.context import compute_context, compute_model, memory_format_for, prepare_model
 from vqcli.speed.precision import AUTO_MIN_PSNR, choose_dtype
 
 pytestmark = [
@@ -62,10 +63,12 @@ def image(size: int = 64, batch: int = 1, seed: int = 1) -> torch.Tensor:
 
 
 def roundtrip(model, x, device, dtype, budget=None) -> tuple[torch.Tensor, torch.Tensor]:
-    fmt = torch.contiguous_format if dtype == torch.float32 else torch.channels_last
-    with compute_context(device, dtype, model=model, budget=budget):
-        z = model.encode(x.to(device).contiguous(memory_format=fmt))
-        y = model.decode(z)
+    """Encode and decode as a run does: the model ``dtype`` runs (``compute_model``), maps in the
+    memory format for it."""
+    runner = compute_model(model, device, dtype)
+    with compute_context(device, dtype, model=runner, budget=budget):
+        z = runner.encode(x.to(device).contiguous(memory_format=memory_format_for(dtype, device)))
+        y = runner.decode(z)
     return z, y
 
 
@@ -99,10 +102,17 @@ def test_reduced_precision_on_the_gpu_stays_close_to_float32(dtype):
     with strict_float32():
         _, reference = roundtrip(model_on(GPU), x, GPU, torch.float32)
     model = model_on(GPU, dtype)
-    seen = []
-    model.decoder.mid.block_1.conv1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))  # (returns None)
+    runner = compute_model(model, GPU, dtype)  # (the copy with cast weights, kept: roundtrip runs this one)
+    seen = {}
+    for name in ("encoder.conv_in", "decoder.mid.block_1.conv1", "encoder.conv_out", "decoder.conv_out"):
+        runner.get_submodule(name).register_forward_hook(  # (returns None)
+            lambda m, i, o, name=name: seen.setdefault(name, []).append((i[0].dtype, o.dtype)))
     z, y = roundtrip(model, x, GPU, dtype)
-    assert seen == [dtype]  # autocast reached the convolutions
+    # reduced inside (the float32 image cast on the way in), float32 at the output layers
+    assert seen["encoder.conv_in"] == seen["decoder.mid.block_1.conv1"] == [(dtype, dtype)]
+    assert seen["encoder.conv_out"] == seen["decoder.conv_out"] == [(torch.float32, torch.float32)]
+    assert z.dtype == y.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the model itself is not cast
     assert torch.isfinite(y).all()
     assert psnr(y, reference) > 30  # bfloat16 keeps 8 bits of mantissa, float16 11
 
@@ -119,8 +129,9 @@ def _overflowing(model: AutoEncoder) -> AutoEncoder:
 def test_float16_overflow_is_redone_in_float32_on_the_gpu():
     model = _overflowing(model_on(GPU))
     x = image()
-    with compute_context(GPU, torch.float16, model=model):
-        assert not torch.isfinite(model.encode(x.to(GPU))).all()  # it does overflow
+    runner = compute_model(model, GPU, torch.float16)
+    with compute_context(GPU, torch.float16, model=runner):
+        assert not torch.isfinite(runner.encode(x.to(GPU))).all()  # it does overflow
 
     def encode(m, t):
         return m.encode(t)
