@@ -43,13 +43,6 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int, ahead
 WRITE_DEPTH = 2  # writes queued behind the model before it waits for the oldest
 
 
-class _Raised:
-    """A write job's exception, kept in ``WriteBehind.ready`` in its job's place."""
-
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
 class WriteBehind:
     """Runs write jobs (functions returning a result) on one thread, in order, at most ``depth``
     queued; ``submit`` gives the results that are ready, ``drain`` all the others.
@@ -58,6 +51,12 @@ class WriteBehind:
     member stays in order). Closing (``with`` exit, or the owning generator closed by an error or
     Ctrl-C) waits for the writes already submitted: each file is then complete, under its final
     name, or absent.
+
+    Every result is given exactly once, wherever a Ctrl-C falls: a job stays in ``pending`` until
+    its result has been given, and is marked given (``_given``) in the same step as it is yielded
+    (no signal handler can run between the two), so that ``drain`` after an interrupt gives the
+    results not given and only those. (Taking a job off the queue before giving its result lost
+    that result, its file on disk but missing from the summary, when Ctrl-C fell in between.)
 
     A job that raises stops the writer: the jobs queued behind it are not run (they raise
     ``cf.CancelledError``). The exception stops the run when it reaches the caller, so their results
@@ -68,22 +67,25 @@ class WriteBehind:
     def __init__(self, depth: int = WRITE_DEPTH, *, enabled: bool = True):
         self.depth = depth
         self.pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vqcli-write") if enabled else None
-        self.pending: collections.deque[cf.Future] = collections.deque()
-        self.ready: collections.deque[R] = collections.deque()  # results done, not given yet
+        self.pending: collections.deque[cf.Future] = collections.deque()  # submitted, result not given, oldest first
+        self._given: cf.Future | None = None  # the oldest job's, when its result was given (taken off next)
         self.broken = False  # a job raised: the ones behind it are not run (set and read on the writer thread)
 
     def submit(self, job: Callable[[], R]) -> Iterator[R]:
-        """Queue ``job`` (waiting while ``depth`` are queued) and give the results that are ready,
-        oldest first. Each is taken from the writer as it is given: when the caller stops taking
-        (Ctrl-C between two), ``drain`` gives the rest."""
+        """Queue ``job`` and give the results that are ready, oldest first, waiting for the oldest
+        while more than ``depth`` are queued. When the caller stops taking (Ctrl-C between two),
+        ``drain`` gives the rest."""
         if self.pool is None:
-            self.ready.append(job())
+            future: cf.Future = cf.Future()
+            future.set_result(job())
         else:
-            self.pending.append(self.pool.submit(self._run, job))
-            while self.pending and (len(self.pending) > self.depth or self.pending[0].done()):
-                if not self._take_oldest():
-                    break
-        return self._give()
+            future = self.pool.submit(self._run, job)
+        self.pending.append(future)
+        return self._give(lambda: len(self.pending) > self.depth or self.pending[0].done())
+
+    def drain(self) -> Iterator[R]:
+        """Wait for every queued job; give all the results not given yet, in order."""
+        return self._give(lambda: True)
 
     def _run(self, job: Callable[[], R]) -> R:
         if self.broken:
@@ -94,39 +96,30 @@ class WriteBehind:
             self.broken = True
             raise
 
-    def drain(self) -> Iterator[R]:
-        """Wait for every queued job; give all the results not given yet, in order."""
-        while self.pending and self._take_oldest():
-            pass
-        return self._give()
-
-    def _take_oldest(self) -> bool:
-        """Wait for the oldest job, then move its result (or its exception) to ``ready``; False when
-        it raised. The wait comes first, with the job still in ``pending``: a Ctrl-C during it leaves
-        the job there for ``drain``, where taking it off first lost its result while its file was
-        written (the summary then missed a file)."""
-        cf.wait([self.pending[0]])
-        future = self.pending.popleft()
-        error = future.exception()
-        self.ready.append(_Raised(error) if error is not None else future.result())
-        return error is None
-
-    def _give(self) -> Iterator[R]:
-        """The results in ``ready``, oldest first; a job's exception is raised at its turn, after
-        the results of the jobs before it (whose files are written: they must be counted), however
-        the writer thread and the caller happened to interleave."""
-        while self.ready:
-            result = self.ready.popleft()
-            if isinstance(result, _Raised):
-                self.ready.clear()
-                raise result.error
+    def _give(self, take: Callable[[], bool]) -> Iterator[R]:
+        """The results of the oldest jobs, in order, while ``take()`` says so, each waited for; a
+        job's exception is raised at its turn, after the results of the jobs before it (whose files
+        are written: they must be counted), however the writer thread and the caller interleave."""
+        while True:
+            if self.pending and self.pending[0] is self._given:
+                self.pending.popleft()
+            if not self.pending or not take():
+                return
+            future = self.pending[0]
+            cf.wait([future])  # (a Ctrl-C here leaves the job queued, for drain)
+            error = future.exception()
+            if error is not None:
+                self._given = future
+                raise error
+            result = future.result()
+            self._given = future  # (and nothing between this and the yield: see the class)
             yield result
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
 
-    def __enter__(self) -> "WriteBehind":
+    def __enter__(self) -> WriteBehind:
         return self
 
     def __exit__(self, *exc) -> None:
