@@ -277,23 +277,31 @@ def test_cli_results_do_not_depend_on_io_threads(tmp_path):
         assert all(np.array_equal(images[threads][k], images["0"][k]) for k in images["0"])
 
 
-def test_ctrl_c_between_results_still_reports_every_file_written(tmp_path):
-    """Ctrl-C can reach the caller between two results while files are being written behind: the
-    caller throws it into the stream (cli.common.last_results) and gets those files' results, so
-    the summary counts exactly the files on disk."""
+def _encoding(tmp_path, count: int, options):
+    """``encode_files`` started (nothing drawn yet) on ``count`` random 32x24 images of a folder,
+    into ``tmp_path/lat``; the stream and that folder."""
     from vqcli.checkpoints.load import ModelRef
-    from vqcli.cli.common import last_results
-    from vqcli.pipeline.encode import EncodeOptions, encode_files
-    from vqcli.pipeline.results import DONE
+    from vqcli.pipeline.encode import encode_files
 
     model = randomize_(AutoEncoder(TINY_KL), 5).eval()
     src = tmp_path / "in"
     src.mkdir()
     rng = np.random.default_rng(2)
-    for i in range(12):
+    for i in range(count):
         Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(src / f"{i:02d}.png")
     out = tmp_path / "lat"
-    stream = encode_files([src], out, model, ModelRef("m", False, tmp_path / "m.safetensors"), options=EncodeOptions(io_threads=2))
+    return encode_files([src], out, model, ModelRef("m", False, tmp_path / "m.safetensors"), options=options), out
+
+
+def test_ctrl_c_between_results_still_reports_every_file_written(tmp_path):
+    """Ctrl-C can reach the caller between two results while files are being written behind: the
+    caller throws it into the stream (cli.common.last_results) and gets those files' results, so
+    the summary counts exactly the files on disk."""
+    from vqcli.cli.common import last_results
+    from vqcli.pipeline.encode import EncodeOptions
+    from vqcli.pipeline.results import DONE
+
+    stream, out = _encoding(tmp_path, 12, EncodeOptions(io_threads=2))
     seen = [next(stream) for _ in range(3)]
     seen += last_results(stream)  # as run_report does on KeyboardInterrupt
     with pytest.raises(StopIteration):
@@ -313,9 +321,8 @@ def test_ctrl_c_reports_a_file_written_but_not_yet_given(tmp_path, monkeypatch, 
     but missing from the summary."""
     import concurrent.futures as cf
 
-    from vqcli.checkpoints.load import ModelRef
     from vqcli.cli.common import last_results
-    from vqcli.pipeline.encode import EncodeOptions, encode_files
+    from vqcli.pipeline.encode import EncodeOptions
     from vqcli.pipeline.results import DONE
 
     def submit_holding_one_back(self, job):
@@ -325,15 +332,7 @@ def test_ctrl_c_reports_a_file_written_but_not_yet_given(tmp_path, monkeypatch, 
         return self._give(lambda: len(self.pending) > 1)  # ... but only the ones before it are given
 
     monkeypatch.setattr(WriteBehind, "submit", submit_holding_one_back)
-    model = randomize_(AutoEncoder(TINY_KL), 5).eval()
-    src = tmp_path / "in"
-    src.mkdir()
-    rng = np.random.default_rng(2)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(src / f"{i:02d}.png")
-    out = tmp_path / "lat"
-    options = EncodeOptions(io_threads=2, all_frames=all_frames)
-    stream = encode_files([src], out, model, ModelRef("m", False, tmp_path / "m.safetensors"), options=options)
+    stream, out = _encoding(tmp_path, 6, EncodeOptions(io_threads=2, all_frames=all_frames))
     seen = [next(stream) for _ in range(3)]
     assert len(list(out.glob("*.safetensors"))) == 4  # the held-back write is there
     seen += last_results(stream)
