@@ -62,8 +62,9 @@ def resolve_model(
     """Load the model ``spec`` names, ready for inference on ``device`` (eval mode).
 
     ``dtype`` is the compute precision: the weights stay as stored; reduced precision comes from
-    autocast on the CPU and from a copy with cast weights on CUDA (see ``vqcli.speed.context``). ``preset``, ``scale_factor`` and ``shift_factor`` are passed to
-    the checkpoint reader (they matter for foreign checkpoints; factors override the model's).
+    autocast on the CPU and from a copy with cast weights on CUDA (see ``vqcli.speed.context``).
+    ``preset``, ``scale_factor`` and ``shift_factor`` are passed to the checkpoint reader (they
+    matter for foreign checkpoints; factors override the model's).
     Raises ``UsageError`` for a spec that names nothing, ``FileError`` for a file that cannot be read.
     """
     ref = model_ref(spec, subfolder)
