@@ -4,10 +4,10 @@
 
 For each model (an embedded name or a weights file) and each photograph of sample_images/ and of
 --val (the validation photographs of scripts/get_training_data.sh, shrunk to 768 px on the long
-side with LANCZOS, then taken as 8-bit RGB): PSNR, SSIM, CIEDE2000 (mean colour difference; about
-2.3 is just noticeable) and the mean bias of each channel in 8-bit levels, after a round trip
-through the CLI's own path (vqcli.pipeline encode_array / decode_array, float32). Beside them, on
-the same photographs, in the same run:
+side with LANCZOS), read as vqcli reads it (its colour profile converted to sRGB) and taken as 8-bit
+RGB: PSNR, SSIM, CIEDE2000 (mean colour difference; about 2.3 is just noticeable) and the mean bias
+of each channel in 8-bit levels, after a round trip through the CLI's own path (vqcli.pipeline
+encode_array / decode_array, float32). Beside them, on the same photographs, in the same run:
   resize: 4x down with Pillow's LANCZOS, back up with BICUBIC (16x fewer values than RGB);
   jpeg:   JPEG (Pillow, 4:2:0, optimised) at the quality whose file is closest to 0.625 bits per
           pixel, the bit rate of default-vq's indices (10 bits per 16 pixels).
@@ -31,8 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vqcli import metrics  # noqa: E402
-from vqcli.errors import VqcliError  # noqa: E402
 from vqcli.checkpoints.load import resolve_model  # noqa: E402
+from vqcli.errors import VqcliError  # noqa: E402
+from vqcli.io.images import load_image  # noqa: E402
 from vqcli.pipeline.decode import decode_array  # noqa: E402
 from vqcli.pipeline.encode import encode_array  # noqa: E402
 
@@ -42,12 +43,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
 
 
 def read_rgb(path: Path, long_side: int | None = None) -> np.ndarray:
-    """An 8-bit RGB photograph as float32 in [0, 1], optionally shrunk to ``long_side``."""
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-    except (OSError, Image.DecompressionBombError) as e:
-        raise VqcliError(f"{path}: not a readable image ({type(e).__name__})") from None
+    """A photograph as vqcli reads it (colour profile converted to sRGB, float32 in [0, 1]), taken as
+    8-bit RGB, optionally shrunk to ``long_side`` with LANCZOS."""
+    im = to_pil(load_image(path, max_pixels=None))
     if long_side is not None and max(im.size) > long_side:
         scale = long_side / max(im.size)
         im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.LANCZOS)

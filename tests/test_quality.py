@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _scripts import load_script
 
 from vqcli import metrics
 
@@ -84,19 +85,6 @@ def test_bias_ignores_zero_mean_noise_and_grey_input():
         metrics.ciede2000(reference, reference[:10])
 
 
-def _quality_benchmark():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
-    spec = importlib.util.spec_from_file_location("quality_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def _photo(size: int = 96) -> np.ndarray:
     from pathlib import Path
 
@@ -107,7 +95,7 @@ def _photo(size: int = 96) -> np.ndarray:
 
 
 def test_jpeg_floor_picks_the_quality_closest_to_the_bit_budget():
-    quality = _quality_benchmark()
+    quality = load_script("benchmarks/quality.py")
     rgb = _photo()
     decoded, chosen, bpp = quality.jpeg_floor(rgb, 0.625)
     image = quality.to_pil(rgb)
@@ -122,7 +110,7 @@ def test_jpeg_floor_picks_the_quality_closest_to_the_bit_budget():
 
 
 def test_resize_floor_keeps_flat_areas_and_loses_detail():
-    quality = _quality_benchmark()
+    quality = load_script("benchmarks/quality.py")
     flat = np.broadcast_to(np.array([0.2, 0.6, 0.4], dtype=np.float32), (64, 80, 3)).copy()
     assert metrics.psnr(flat, quality.resize_floor(flat)) > 45
     rgb = _photo()

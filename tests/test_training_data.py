@@ -5,16 +5,15 @@ whose hash differs from the manifest is refused with one line and exit status 1.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _scripts import load_script
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,14 +34,6 @@ Files: art/Lake*.jpg
 Copyright: 2021, Ada Photographer <ada@example.org>
 License: CC-BY-SA-4.0
 """
-
-
-def _load_helper():
-    spec = importlib.util.spec_from_file_location("training_data", ROOT / "scripts" / "training_data.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def _image(path: Path, size: tuple[int, int], seed: int, alpha: int | None = None) -> None:
@@ -141,7 +132,7 @@ def test_a_changed_package_file_is_refused(tmp_path):
 
 
 def test_gnome_style_free_form_copyright():
-    helper = _load_helper()
+    helper = load_script("scripts/training_data.py")
     text = """Copyright:
     Copyright © 2011 Someone
 
