@@ -108,3 +108,58 @@ def test_existing_output_is_not_replaced(photos, tmp_path):
     r = CliRunner().invoke(app, ["train", str(photos), "-o", str(out), "--steps", "2", *TINY])
     assert r.exit_code == 1 and "already exists" in r.output
     assert out.read_bytes() == b"precious"
+
+
+def _start_model(tmp_path: Path, kind: str) -> tuple[Path, dict]:
+    """Weights unlike any vqcli train would draw itself (seed 123), with their own latent factors."""
+    from vqcli.checkpoints.native import save_native
+    from vqcli.model.autoencoder import AutoEncoder
+
+    torch.manual_seed(123)
+    extra = {"n_embed": 64, "embed_dim": 4} if kind == "vq" else {"scale_factor": 0.5, "shift_factor": 0.1}
+    model = AutoEncoder(AutoEncoderConfig(kind=kind, ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, **extra))
+    path = tmp_path / f"start-{kind}.safetensors"
+    save_native(model, path)
+    return path, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", ["kl", "vq"])
+def test_init_fine_tunes_the_given_weights_and_keeps_their_latent_convention(photos, tmp_path, kind):
+    start, weights = _start_model(tmp_path, kind)
+    # A learning rate too small to move anything: what comes out is where training started.
+    still = ["--crop", "16", "--batch-size", "4", "--no-bf16", "--device", "cpu", "--quiet", "--lr", "1e-12", "--warmup", "1"]
+    runner = CliRunner()
+    r = runner.invoke(app, ["train", str(photos), "-o", str(tmp_path / "tuned.safetensors"), "--steps", "2", "--init", str(start), *still])
+    assert r.exit_code == 0, r.output
+    tuned = load_native(tmp_path / "tuned.safetensors")
+    for name, value in tuned.state_dict().items():  # the VQ codebook included: kept, not re-seeded
+        torch.testing.assert_close(value, weights[name], rtol=0, atol=1e-6, msg=name)
+    if kind == "kl":
+        assert (tuned.config.scale_factor, tuned.config.shift_factor) == (0.5, 0.1)
+    r = runner.invoke(app, ["train", str(photos), "-o", str(tmp_path / "fresh.safetensors"), "--steps", "2", *TINY, "--lr", "1e-12"])
+    assert r.exit_code == 0, r.output
+    fresh = load_native(tmp_path / "fresh.safetensors").state_dict()
+    assert not torch.allclose(fresh["encoder.conv_in.weight"], weights["encoder.conv_in.weight"])  # without --init: drawn afresh
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ch", "64"], "leave out --preset and the architecture options"),
+        (["--preset", "default"], "leave out --preset and the architecture options"),
+        (["--resume"], "give one of them"),
+    ],
+)
+def test_init_with_conflicting_options_is_refused(photos, tmp_path, args, message):
+    start, _ = _start_model(tmp_path, "kl")
+    out = tmp_path / "m.safetensors"
+    r = CliRunner().invoke(app, ["train", str(photos), "-o", str(out), "--steps", "2", "--quiet", "--init", str(start), *args])
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "Traceback" not in r.output and not out.exists()
+
+
+def test_init_from_nothing_names_it(photos, tmp_path):
+    out = tmp_path / "m.safetensors"
+    r = CliRunner().invoke(app, ["train", str(photos), "-o", str(out), "--steps", "2", "--quiet", "--init", str(tmp_path / "nope.safetensors")])
+    assert r.exit_code == 2, r.output
+    assert "nope.safetensors" in r.output and "Traceback" not in r.output and not out.exists()

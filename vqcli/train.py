@@ -212,9 +212,13 @@ def validate(model: AutoEncoder, images: Sequence[np.ndarray]) -> float:
 
 
 class Trainer:
-    """Holds the model, its EMA, the optimizer and the random state; ``run`` trains to ``opts.steps``."""
+    """Holds the model, its EMA, the optimizer and the random state; ``run`` trains to ``opts.steps``.
 
-    def __init__(self, config: AutoEncoderConfig, opts: TrainOptions, device: torch.device):
+    ``init``, a state dict of ``config``'s architecture, is where the weights start instead of a
+    random initialisation (fine-tuning): a VQ codebook in it is kept, not re-seeded, and the model
+    keeps the latent scale and shift of ``config`` (its diffusion models expect them)."""
+
+    def __init__(self, config: AutoEncoderConfig, opts: TrainOptions, device: torch.device, init: dict | None = None):
         if opts.crop % config.downsampling:
             raise UsageError(f"--crop {opts.crop} must be a multiple of the downsampling factor {config.downsampling}")
         if opts.steps < 1 or opts.batch_size < 1:
@@ -223,13 +227,16 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(opts.seed)
         torch.manual_seed(opts.seed)  # parameter initialisation
         self.model = AutoEncoder(config).to(device).train()
+        if init is not None:
+            self.model.load_state_dict(init)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(
             _param_groups(self.model, opts.weight_decay), lr=opts.lr, betas=(0.9, 0.99), fused=device.type == "cuda" or None
         )
         self.step = 0
         self.last_used = torch.zeros(config.n_embed, dtype=torch.long, device=device) if config.kind == "vq" else None
-        self.codebook_ready = config.kind != "vq"
+        self.codebook_ready = config.kind != "vq" or init is not None
+        self.fine_tuned = init is not None
         self.reported: dict = {"loss": math.nan, "psnr": math.nan, "codes_used": None}  # the last values read back
 
     # --- checkpoints --------------------------------------------------------------------------
@@ -245,6 +252,7 @@ class Trainer:
             "generator": self.gen.get_state(),
             "last_used": self.last_used,
             "codebook_ready": self.codebook_ready,
+            "fine_tuned": self.fine_tuned,
         }
 
     def save_checkpoint(self, path: Path) -> None:
@@ -282,6 +290,7 @@ class Trainer:
         trainer.step = int(state["step"])
         trainer.last_used = state["last_used"].to(device) if state["last_used"] is not None else None
         trainer.codebook_ready = bool(state["codebook_ready"])
+        trainer.fine_tuned = bool(state.get("fine_tuned", False))
         return trainer
 
     # --- one step -------------------------------------------------------------------------------
@@ -347,9 +356,10 @@ class Trainer:
         )
 
     def finished_model(self, bank: ImageBank) -> AutoEncoder:
-        """The EMA model, with the latent scale and shift measured on the training images (KL)."""
+        """The EMA model, with the latent scale and shift measured on the training images (KL; a
+        fine-tuned model keeps those of the weights it started from)."""
         model = copy.deepcopy(self.ema).cpu().eval()
-        if self.config.kind == "kl":
+        if self.config.kind == "kl" and not self.fine_tuned:
             gen = torch.Generator().manual_seed(self.opts.seed + 1)
             with torch.no_grad():  # on the training device, in float32
                 z = torch.cat([self.ema.encode(bank.batch(16, self.opts.crop, self.opts.min_scale, gen).to(self.device)).float().cpu() for _ in range(8)])
@@ -373,6 +383,7 @@ def train(
     until: int | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     max_side: int | None = None,
+    init: dict | None = None,
 ) -> AutoEncoder | None:
     """Train and save the EMA model to ``output``; checkpoints go to ``checkpoint`` (resumable).
 
@@ -381,7 +392,8 @@ def train(
     ``opts.steps``). With ``until`` the run stops after that step, leaving only the checkpoint
     (returns None): a recipe in phases is a series of such runs. With ``opts.max_minutes`` the run
     also ends when that much time has passed since its start, and then saves the model as at its
-    last step. ``max_side`` shrinks larger training images when they are read.
+    last step. ``max_side`` shrinks larger training images when they are read. ``init`` (a state
+    dict of ``config``'s architecture) starts a new run from those weights.
     """
     checkpoint = checkpoint or output.with_name(output.name + ".ckpt")
     if resume:
@@ -389,7 +401,7 @@ def train(
             raise UsageError(f"--resume: no checkpoint at {checkpoint}")
         trainer = Trainer.resume(checkpoint, device, **(resume_changes or {"steps": opts.steps}))
     else:
-        trainer = Trainer(config, opts, device)
+        trainer = Trainer(config, opts, device, init)
     if device.type == "cuda":  # fixed crop sizes: let cuDNN pick its fastest kernels once
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True

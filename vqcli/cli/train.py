@@ -61,6 +61,9 @@ def train(
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the trained model (.safetensors)."),
     val: list[Path] = typer.Option([], "--val", help="Validation images or folders; their PSNR is reported."),
     preset: Optional[str] = typer.Option(None, help="Architecture preset: default (KL f4) or default-vq (VQ f4)."),
+    init: Optional[str] = typer.Option(
+        None, "--init", help="Start from these weights (a file, a folder or an embedded name) and their architecture: fine-tuning."
+    ),
     kind: Optional[str] = typer.Option(None, help="kl or vq (overrides the preset)."),
     ch: Optional[int] = typer.Option(None, help="Base channels, a multiple of 32."),
     ch_mult: Optional[str] = typer.Option(None, "--ch-mult", help="Channel multipliers per level, e.g. 1,2,4,4."),
@@ -104,7 +107,8 @@ def train(
 
     Random crops, flips, rescales and channel permutations of the training images; L1 + MSE loss
     (+ KL or codebook terms); AdamW with warm-up and cosine decay; checkpoints every
-    --checkpoint-every steps, resumable with --resume.
+    --checkpoint-every steps, resumable with --resume. --init fine-tunes weights you already have
+    (a file, a diffusers folder or an embedded name), keeping their latent scale and shift.
     """
     from vqcli.errors import ConfigError
     from vqcli.io.ownership import check_replaceable
@@ -131,6 +135,16 @@ def train(
         ).items()
         if v is not None
     }
+    init_weights = None
+    if init is not None:
+        if resume:
+            raise fail("--init starts a run and --resume continues one: give one of them")
+        if preset is not None or changes:
+            raise fail("--init trains the architecture of its weights: leave out --preset and the architecture options")
+        from vqcli.checkpoints.load import resolve_model
+
+        start = resolve_model(init)
+        base, init_weights = start.config, start.state_dict()
     if kind is not None and kind not in ("kl", "vq"):
         raise fail(f"--kind must be kl or vq, not {kind!r}")
     if changes.get("kind") == "vq" and base.kind != "vq":
@@ -218,7 +232,7 @@ def train(
             model = run_training(
                 files, output, config, opts, device=torch_device, val=val_files,
                 resume=resume, resume_changes=dict(steps=steps, crop=crop, batch_size=batch_size, max_minutes=max_minutes),
-                until=until, on_progress=on_progress, max_side=max_side,
+                until=until, on_progress=on_progress, max_side=max_side, init=init_weights,
             )
         except KeyboardInterrupt:
             bar.stop()
