@@ -4,8 +4,6 @@ characters, newlines in file names. Every command that prints a path, in people'
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from _scaleout import cli, photo, save_model
