@@ -8,13 +8,16 @@ Organisation (add new shared fixtures under a heading of their own):
   ``VQModel`` equivalent to a vqcli config, every parameter (norms and biases included) randomised
   so that a wrong mapping cannot pass; ``vqcli_twin(dmodel, config)`` copies its weights into a
   vqcli ``AutoEncoder``;
-* inputs: ``images(batch, height, width, seed)``: random images in [-1, 1].
+* inputs: ``images(batch, height, width, seed)``: random images in [-1, 1];
+* signals: ``ctrl_c_raises``: Python's Ctrl-C handler installed for the test.
 
 The diffusers models are built here from their own constructor arguments, independently of
 vqcli's code that writes diffusers configs, so tests can compare the two.
 """
 
 from __future__ import annotations
+
+import signal
 
 import pytest
 import torch
@@ -175,3 +178,16 @@ def random_images(batch: int, height: int, width: int, seed: int = 0, channels: 
 def images():
     """``images(batch, height, width, seed=0)``: see ``random_images``."""
     return random_images
+
+
+# --- signals -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt during the test, whatever pytest started with: a process
+    started as a background job of a non-interactive shell (``nohup pytest &``, some CI runners)
+    has SIGINT ignored, and Python then installs no handler of its own."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -17,17 +17,7 @@ def _interrupt_self(signum: int) -> None:
     signal.raise_signal(signum)
 
 
-@pytest.fixture
-def sigint_handler():
-    """Python's own Ctrl-C handler installed for the test, whatever pytest started with: run as a
-    background job of a non-interactive shell, a process starts with SIGINT ignored and Python then
-    installs no handler (the first test failed so, under scripts/test_under_load.sh run with nohup)."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
-def test_a_signal_inside_waits_for_the_end_and_is_sent_again(sigint_handler):
+def test_a_signal_inside_waits_for_the_end_and_is_sent_again(ctrl_c_raises):
     steps = []
     with pytest.raises(KeyboardInterrupt):
         with signals_held():
