@@ -162,4 +162,4 @@ def test_init_from_nothing_names_it(photos, tmp_path):
     out = tmp_path / "m.safetensors"
     r = CliRunner().invoke(app, ["train", str(photos), "-o", str(out), "--steps", "2", "--quiet", "--init", str(tmp_path / "nope.safetensors")])
     assert r.exit_code == 2, r.output
-    assert "nope.safetensors" in r.output and "Traceback" not in r.output and not out.exists()
+    assert "--init" in r.output and "nope.safetensors" in r.output and "Traceback" not in r.output and not out.exists()

@@ -58,6 +58,7 @@ def resolve_model(
     scale_factor: float | None = None,
     shift_factor: float | None = None,
     subfolder: str | None = None,
+    option: str = "--model",
 ) -> AutoEncoder:
     """Load the model ``spec`` names, ready for inference on ``device`` (eval mode).
 
@@ -65,7 +66,8 @@ def resolve_model(
     autocast on the CPU and from a copy with cast weights on CUDA (see ``vqcli.speed.context``).
     ``preset``, ``scale_factor`` and ``shift_factor`` are passed to the checkpoint reader (they
     matter for foreign checkpoints; factors override the model's).
-    Raises ``UsageError`` for a spec that names nothing, ``FileError`` for a file that cannot be read.
+    Raises ``UsageError`` for a spec that names nothing (naming ``option``, the command-line option
+    it came from), ``FileError`` for a file that cannot be read.
     """
     ref = model_ref(spec, subfolder)
     if ref.embedded:
@@ -76,7 +78,7 @@ def resolve_model(
             )
     elif not ref.path.exists():
         known = ", ".join(EMBEDDED_MODELS)
-        raise UsageError(f"--model {spec!r}: no such file, and not an embedded model ({known})")
+        raise UsageError(f"{option} {spec!r}: no such file, and not an embedded model ({known})")
     model = load_model_file(ref.path, preset=preset, scale_factor=scale_factor, shift_factor=shift_factor)
     if ref.embedded and model.config.name != spec:
         model.config = model.config.replace(name=spec)

@@ -143,7 +143,7 @@ def train(
             raise fail("--init trains the architecture of its weights: leave out --preset and the architecture options")
         from vqcli.checkpoints.load import resolve_model
 
-        start = resolve_model(init)
+        start = resolve_model(init, option="--init")
         base, init_weights = start.config, start.state_dict()
     if kind is not None and kind not in ("kl", "vq"):
         raise fail(f"--kind must be kl or vq, not {kind!r}")
