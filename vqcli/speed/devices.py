@@ -51,10 +51,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
     return DTYPES[name]
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return set()
+
+
 def cpu_has_native_bf16() -> bool:
     """True where the CPU executes bfloat16 natively (AVX512-BF16 or AMX), so autocast pays."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
+    flags = _cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_has_amx() -> bool:
+    """True where the CPU has bfloat16 matrix units (Intel AMX), on which oneDNN's bfloat16
+    convolutions run several times faster than with AVX512-BF16 alone."""
+    return "amx_bf16" in _cpu_flags()
