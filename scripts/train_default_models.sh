@@ -22,8 +22,9 @@
 # the Debian wallpaper packages' images (see DATA.md), each shrunk to 1024 px on its long side when
 # read. Phase 4 starts from the weights phase 3 wrote (`vqcli train --init`, the KL latent scale and
 # shift kept): 192x192 crops, 2 a step, peak learning rate 1e-4 after 50 warm-up steps, cosine over
-# 3500 steps for default (61 minutes here, one thread, beside the other: 27.16 -> 28.26 dB) and 2400
-# for default-vq (49 minutes: 22.16 -> 25.40 dB). The shipped weights are these fine-tunes
+# 3500 steps for default (61 minutes here, one thread, beside the other: 27.16 -> 28.26 dB; 31.5
+# minutes alone on both threads since training on an AMX CPU runs channels-last) and 2400 for
+# default-vq (49 minutes beside default: 22.16 -> 25.40 dB). The shipped weights are these fine-tunes
 # (docs/models.md); validation stays sample_images/. FROM_PHASE=4 fine-tunes the weights already in
 # OUT_DIR (in vqcli/weights: the shipped ones, so run it on a copy) without the earlier phases.
 # Usage: bash scripts/train_default_models.sh [OUT_DIR] [MODEL...]   (default: vqcli/weights, both)
