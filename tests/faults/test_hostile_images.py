@@ -65,6 +65,23 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
+def tiff_second_page_without_width(px: np.ndarray) -> bytes:
+    """A two-page TIFF whose second page's ImageWidth tag (256) is renamed to an unknown one:
+    counting its pages makes Pillow raise TypeError ("Missing dimensions")."""
+    buf = io.BytesIO()
+    Image.fromarray(px).save(buf, "TIFF", save_all=True, append_images=[Image.fromarray(px[::-1])])
+    data = bytearray(buf.getvalue())
+    assert data[:4] == b"II*\0"
+    first = struct.unpack_from("<I", data, 4)[0]
+    second = struct.unpack_from("<I", data, first + 2 + 12 * struct.unpack_from("<H", data, first)[0])[0]
+    for i in range(struct.unpack_from("<H", data, second)[0]):
+        entry = second + 2 + 12 * i
+        if struct.unpack_from("<H", data, entry)[0] == 256:
+            struct.pack_into("<H", data, entry, 65000)
+            return bytes(data)
+    raise AssertionError("no ImageWidth tag on the second page")
+
+
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n0 setgray 0 0 16 16 rectfill showpage\n"
 
 
@@ -97,6 +114,9 @@ def hostile_images(tmp_path_factory):
     data[60] ^= 0xFF
     (d / "corrupt-data.png").write_bytes(bytes(data))
     bad["corrupt-data.png"] = "cannot decode image"
+    # a later page without its dimensions (Pillow raises TypeError counting the pages)
+    (d / "page-2-without-width.tif").write_bytes(tiff_second_page_without_width(px))
+    bad["page-2-without-width.tif"] = "cannot decode image (Missing dimensions)"
     # extensions that lie: read by content
     (d / "png-named.jpg").write_bytes(encoded("PNG", px))
     (d / "jpeg-named.png").write_bytes(encoded("JPEG", px, quality=95))
@@ -142,6 +162,27 @@ def test_encode_over_a_folder_of_hostile_images(hostile_images):
     # a PNG named .jpg is the PNG it is: the same latent as the same PNG named .png
     assert torch.equal(read_latent(out / "png-named.jpg.safetensors").tensor, read_latent(out / "good.png.safetensors").tensor)
     assert torch.equal(read_latent(out / "webp-named.tif.safetensors").tensor, read_latent(out / "good.png.safetensors").tensor)
+
+
+def test_an_error_pillow_raises_on_a_damaged_file_is_that_files_error(tmp_path):
+    """TypeError is no usual decoding error: Pillow raises it on a TIFF page without dimensions."""
+    path = _write(tmp_path / "pages.tif", tiff_second_page_without_width(pixels()))
+    with pytest.raises(FileError) as caught:
+        load_image(path)
+    assert caught.value.path == str(path) and caught.value.reason == "cannot decode image (Missing dimensions)"
+
+
+def test_the_same_error_raised_by_vqcli_itself_is_not_dressed_up_as_a_damaged_file(tmp_path, monkeypatch):
+    """A TypeError from vqcli's own code is a bug: it surfaces as such, not as "cannot decode"."""
+    import vqcli.io.images as images
+
+    def buggy(im, details=None):
+        raise TypeError("a bug of ours")
+
+    monkeypatch.setattr(images, "pil_to_rgb", buggy)
+    path = _write(tmp_path / "good.png", encoded("PNG", pixels()))
+    with pytest.raises(TypeError, match="a bug of ours"):
+        load_image(path)
 
 
 # --- the pixel limit, both sides ------------------------------------------------------------------

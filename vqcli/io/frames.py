@@ -79,7 +79,9 @@ class AnimatedImage:
                 rgb = images.decoded(im, self.path, self.max_pixels, details)
             except FileError as e:
                 raise FileError(self.path, f"frame {index} of {self.count}: {e.reason}") from None
-            except images.DECODING_ERRORS as e:
+            except Exception as e:
+                if not images.is_decoding_error(e):
+                    raise
                 reason = images.decoding_error(self.path, e).reason
                 raise FileError(self.path, f"frame {index} of {self.count}: {reason}") from None
             yield Frame(index, self.count, _duration(im.info.get("duration")), details, rgb)

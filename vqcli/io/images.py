@@ -23,8 +23,8 @@ format, which vqcli does not read"), whatever its name. The extension only decid
 
 Hostile files: images of more than ``max_pixels`` pixels (Pillow's decompression-bomb limit by
 default, ``--max-pixels`` on the command line) are refused from their header, before any pixel is
-decoded, with the size in the message; truncated or corrupt files of any format (whichever of
-the errors in ``_DECODER_ERRORS`` the decoder raises) are a ``FileError`` naming the file. Pillow's
+decoded, with the size in the message; truncated or corrupt files of any format (the errors
+``is_decoding_error`` accepts) are a ``FileError`` naming the file. Pillow's
 warnings about damaged files (corrupt EXIF, say) are not shown.
 
 Writing marks each image as vqcli's (EXIF ``Software`` tag), so that a later run can tell the
@@ -77,12 +77,15 @@ _AVIF_BRANDS = {b"avif", b"avis"}
 
 
 # What Pillow's plugins and decoders raise on damaged data (besides OSError, their usual one): each
-# is that file's FileError. Types that would rather mean a bug in vqcli (TypeError, AttributeError)
-# are left out, so that a bug is not dressed up as a damaged file.
+# is that file's FileError. Types that would rather mean a bug in vqcli (TypeError, AttributeError,
+# KeyError) are that file's FileError only where Pillow's own code raised them (a TIFF page without
+# its dimensions: TypeError), so that a bug of ours is not dressed up as a damaged file.
 _DECODER_ERRORS = (
     OSError, SyntaxError, ValueError, EOFError, MemoryError, struct.error, zlib.error, IndexError,
     ZeroDivisionError, OverflowError,
 )
+_PILLOW_ONLY_ERRORS = (TypeError, AttributeError, KeyError)
+_PILLOW_DIR = Path(Image.__file__).resolve().parent
 
 
 def is_image_path(path: str | os.PathLike) -> bool:
@@ -185,15 +188,30 @@ def _load(source: Path | io.BytesIO, path: Path, max_pixels: int | None, details
                 path, f"an image in the {other} format, which vqcli does not read (it reads {', '.join(READ_FORMATS)})"
             ) from None
         raise FileError(path, "not an image (or a format Pillow cannot read)") from None
-    except (Image.DecompressionBombError, *_DECODER_ERRORS) as e:
+    except Exception as e:
+        if not is_decoding_error(e):
+            raise
         raise decoding_error(path, e) from None
 
 
-DECODING_ERRORS = (Image.DecompressionBombError, *_DECODER_ERRORS)  # what a decoder raises on a damaged file
+_DECODING_ERRORS = (Image.DecompressionBombError, *_DECODER_ERRORS)  # what a decoder raises on a damaged file
+
+
+def is_decoding_error(e: BaseException) -> bool:
+    """Whether ``e``, raised while an image was opened or decoded, says the file is damaged: one of
+    ``_DECODING_ERRORS``, or one of ``_PILLOW_ONLY_ERRORS`` raised inside Pillow itself."""
+    if isinstance(e, _DECODING_ERRORS):
+        return True
+    if not isinstance(e, _PILLOW_ONLY_ERRORS) or e.__traceback__ is None:
+        return False
+    tb = e.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PILLOW_DIR)
 
 
 def decoding_error(path: Path, e: BaseException) -> FileError:
-    """The one-line ``FileError`` of one of ``DECODING_ERRORS`` raised while decoding ``path``."""
+    """The one-line ``FileError`` of an error ``is_decoding_error`` accepts, raised while decoding ``path``."""
     if isinstance(e, Image.DecompressionBombError):
         return FileError(path, f"{first_line(e)}; raise the limit with --max-pixels")
     return FileError(path, f"cannot decode image ({first_line(e)[:200]})")
