@@ -8,7 +8,8 @@ Organisation (add new shared fixtures under a heading of their own):
   ``VQModel`` equivalent to a vqcli config, every parameter (norms and biases included) randomised
   so that a wrong mapping cannot pass; ``vqcli_twin(dmodel, config)`` copies its weights into a
   vqcli ``AutoEncoder``;
-* inputs: ``images(batch, height, width, seed)``: random images in [-1, 1];
+* inputs: ``images(batch, height, width, seed)``: random images in [-1, 1]; ``photo_crops``: a
+  folder of square crops of a sample photograph (training tests);
 * signals: ``ctrl_c_raises``: Python's Ctrl-C handler installed for the test.
 
 The diffusers models are built here from their own constructor arguments, independently of
@@ -18,9 +19,12 @@ vqcli's code that writes diffusers configs, so tests can compare the two.
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from vqcli.model.autoencoder import AutoEncoder, load_strict
 from vqcli.model.config import AutoEncoderConfig
@@ -178,6 +182,15 @@ def random_images(batch: int, height: int, width: int, seed: int = 0, channels: 
 def images():
     """``images(batch, height, width, seed=0)``: see ``random_images``."""
     return random_images
+
+
+def photo_crops(folder: Path, photo: str, corners: list[tuple[int, int]], side: int) -> Path:
+    """``folder`` holding ``p0.png``, ``p1.png``...: the ``side``-pixel squares of
+    ``sample_images/<photo>`` whose top-left corners (row, column) are ``corners``."""
+    rgb = np.asarray(Image.open(Path(__file__).resolve().parents[1] / "sample_images" / photo).convert("RGB"))
+    for i, (y, x) in enumerate(corners):
+        Image.fromarray(rgb[y : y + side, x : x + side]).save(folder / f"p{i}.png")
+    return folder
 
 
 # --- signals -----------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from typer.testing import CliRunner
 
 from vqcli import AutoEncoderConfig
@@ -16,17 +15,15 @@ from vqcli.checkpoints.native import load_native
 from vqcli.cli import app
 from vqcli.train import Trainer, TrainOptions, learning_rate
 
+from conftest import photo_crops
+
 TINY = ["--ch", "32", "--ch-mult", "1,2", "--num-res-blocks", "1", "--z-channels", "4", "--crop", "16",
         "--batch-size", "4", "--no-bf16", "--device", "cpu", "--quiet"]
 
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("photos")
-    rgb = np.asarray(Image.open(Path(__file__).resolve().parents[1] / "sample_images" / "coffee.png").convert("RGB"))
-    for i, (y, x) in enumerate([(0, 0), (150, 200), (300, 400)]):
-        Image.fromarray(rgb[y : y + 64, x : x + 64]).save(folder / f"p{i}.png")
-    return folder
+    return photo_crops(tmp_path_factory.mktemp("photos"), "coffee.png", [(0, 0), (150, 200), (300, 400)], 64)
 
 
 def test_training_lowers_the_loss(photos):

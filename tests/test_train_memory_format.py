@@ -4,9 +4,6 @@ validated and saved, stays NCHW. (benchmarks/train_speed.py measures the two sid
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,16 +15,15 @@ from vqcli.checkpoints.native import load_native
 from vqcli.model.blocks import Normalize, normalize
 from vqcli.train import ImageBank, Trainer, TrainOptions, train
 
+from conftest import photo_crops
+
 CPU = torch.device("cpu")
 CL = torch.channels_last
 
 
 @pytest.fixture(scope="module")
 def bank(tmp_path_factory) -> ImageBank:
-    folder = tmp_path_factory.mktemp("photos")
-    rgb = np.asarray(Image.open(Path(__file__).resolve().parents[1] / "sample_images" / "astronaut.png").convert("RGB"))
-    for i, (y, x) in enumerate([(0, 0), (200, 150), (380, 380)]):
-        Image.fromarray(rgb[y : y + 96, x : x + 96]).save(folder / f"p{i}.png")
+    folder = photo_crops(tmp_path_factory.mktemp("photos"), "astronaut.png", [(0, 0), (200, 150), (380, 380)], 96)
     return ImageBank(sorted(folder.iterdir()))
 
 
